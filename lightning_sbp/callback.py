@@ -1,0 +1,332 @@
+"""The Selective Backprop callback: score every example, backpropagate a selected subset."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_sbp.functional.batch import batch_size, index_batch, subset_size
+from lightning_sbp.mixin import SelectiveBackpropMixin, default_forward
+from lightning_sbp.schedule import Schedule
+from lightning_sbp.scoring import (
+    LastLayerCapture,
+    find_last_linear,
+    has_batch_norm,
+    logit_gradients_by_autograd,
+    scoring_mode,
+)
+from lightning_sbp.selectors import Scores, Selection, Selector, available_selectors, get_selector
+
+__all__ = ["SelectiveBackprop"]
+
+ScoreMode = Literal["train", "eval"]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def per_example_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Softmax cross-entropy per example: the default scoring loss of the patch path."""
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed that depends on every part, the same in every process (no salted ``hash``)."""
+    state = 0x9E3779B97F4A7C15
+    for part in parts:
+        state = ((state ^ (part & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        state ^= state >> 31
+    return state & 0x7FFFFFFFFFFFFFFF
+
+
+class SelectiveBackprop(Callback):
+    """Forward every example of a batch, backpropagate only a selected, possibly weighted, subset.
+
+    On a selective step the training step is split in two: a scoring pass over all ``N`` examples
+    without a graph, then the module's own ``training_step`` on the ``k`` examples the selector
+    keeps. Lightning's automatic optimisation, precision, gradient clipping, accumulation and
+    distributed strategies see an ordinary step.
+
+    A module that inherits :class:`~lightning_sbp.SelectiveBackpropMixin` is scored with its
+    ``sbp_forward`` and ``sbp_loss`` and can apply selection weights; any other module is scored
+    with its ``forward`` and ``loss_fn`` and trains on unweighted subsets.
+
+    Args:
+        selector: a registered name (see :func:`~lightning_sbp.selectors.available_selectors`) or a
+            :class:`~lightning_sbp.selectors.Selector` instance.
+        keep: fraction of each batch to backpropagate, ``0 < keep <= 1``; ``k = floor(keep * N)``,
+            at least 1 (2 when the model has batch norm).
+        start: start of the selective window, as a fraction of the run's optimiser steps.
+        end: end of the selective window, as a fraction of the run's optimiser steps.
+        interrupt: every ``interrupt``-th step inside the window is a full step; ``0`` never.
+        score_mode: ``"train"`` scores with modules in train mode (batch statistics, dropout on,
+            no running statistic updated); ``"eval"`` scores in eval mode.
+        seed: seed of the per-rank, per-step generators of random selectors.
+        loss_fn: per-example loss ``(logits, targets) -> [N]`` for scoring a module without the
+            mixin; per-example cross-entropy when omitted.
+        last_layer: qualified name of the final ``nn.Linear`` whose gradients selectors and
+            metrics read; the last ``nn.Linear`` registered when omitted.
+
+    Raises:
+        ValueError: for any argument outside its allowed values.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[SelectiveBackprop(selector="random", keep=0.5)], logger=False)
+    """
+
+    def __init__(
+        self,
+        selector: str | Selector = "random",
+        keep: float = 0.5,
+        start: float = 0.0,
+        end: float = 1.0,
+        interrupt: int = 0,
+        score_mode: ScoreMode = "train",
+        seed: int = 0,
+        loss_fn: LossFn | None = None,
+        last_layer: str | None = None,
+    ) -> None:
+        if isinstance(selector, str):
+            selector = get_selector(selector)
+        elif not isinstance(selector, Selector):
+            raise ValueError(
+                f"selector must be a registered name ({', '.join(available_selectors())}) or a Selector instance, "
+                f"got {selector!r}"
+            )
+        if isinstance(keep, bool) or not isinstance(keep, int | float) or not 0.0 < keep <= 1.0:
+            raise ValueError(f"keep must be a fraction in (0, 1], got {keep!r}")
+        if score_mode not in ("train", "eval"):
+            raise ValueError(f"score_mode must be 'train' or 'eval', got {score_mode!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"loss_fn must be a callable (logits, targets) -> per-example losses, got {loss_fn!r}")
+        if last_layer is not None and not isinstance(last_layer, str):
+            raise ValueError(f"last_layer must be the qualified name of an nn.Linear, got {last_layer!r}")
+        self.selector = selector
+        self.keep = float(keep)
+        self.schedule = Schedule(start, end, interrupt)
+        self.score_mode = score_mode
+        self.seed = seed
+        self.loss_fn = loss_fn
+        self.last_layer = last_layer
+        self.examples_seen = 0
+        self.examples_backpropagated = 0
+        self.last_selection: Selection | None = None
+        self._capture: LastLayerCapture | None = None
+        self._min_k = 1
+        self._total_steps: float = float("inf")
+        self._nonfinite: Tensor | None = None
+        self._warned_nonfinite = False
+        self._unpatch: Callable[[], None] | None = None
+
+    # ------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check that the module can be served and route its ``training_step`` through the callback."""
+        if stage != "fit":
+            return
+        mixin = isinstance(pl_module, SelectiveBackpropMixin)
+        if self.selector.weighted and not mixin:
+            raise ValueError(
+                f"selector {type(self.selector).__name__} weighs its examples, which {type(pl_module).__name__} "
+                "cannot apply: inherit lightning_sbp.SelectiveBackpropMixin and reduce per-example losses with "
+                "self.sbp_reduce, or use an unweighted selector (random, topk, loss)"
+            )
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "SelectiveBackprop hands the subset loss to Lightning's automatic optimisation; "
+                f"{type(pl_module).__name__} uses manual optimisation (automatic_optimization=False), "
+                "which it does not support"
+            )
+        if self.selector.needs_last_layer:
+            name, layer = find_last_linear(pl_module, self.last_layer)
+            self._capture = LastLayerCapture(layer, name)
+        self._min_k = 2 if has_batch_norm(pl_module) else 1
+        self.selector.setup(pl_module)
+        self._patch(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fix the selective window for this run's length."""
+        self._total_steps = float(trainer.estimated_stepping_batches)
+        self.schedule.window(self._total_steps)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Warn, once and without a sync on every step, when losses were not finite."""
+        if trainer.global_step % max(1, getattr(trainer, "log_every_n_steps", 50)) == 0:
+            self._warn_nonfinite()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Warn when losses were not finite."""
+        self._warn_nonfinite()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Give the module its own ``training_step`` back."""
+        if self._unpatch is not None:
+            self._unpatch()
+            self._unpatch = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Selector state and the count of examples seen and backpropagated."""
+        return {
+            "selector": self.selector.state_dict(),
+            "examples_seen": self.examples_seen,
+            "examples_backpropagated": self.examples_backpropagated,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.selector.load_state_dict(state_dict.get("selector", {}))
+        self.examples_seen = int(state_dict.get("examples_seen", 0))
+        self.examples_backpropagated = int(state_dict.get("examples_backpropagated", 0))
+
+    # ------------------------------------------------------------------ batch hooks a subclass can override
+
+    def batch_size(self, batch: Any) -> int:
+        """The number of examples in ``batch``; override for batch types other than tensors, tuples and dicts."""
+        return batch_size(batch)
+
+    def index_batch(self, batch: Any, indices: Tensor) -> Any:
+        """The rows ``indices`` of ``batch``; override for batch types other than tensors, tuples and dicts."""
+        return index_batch(batch, indices)
+
+    # ------------------------------------------------------------------ the step
+
+    def is_selective_step(self, step: int) -> bool:
+        """Whether optimiser step ``step`` selects: the same answer on every rank."""
+        return self.schedule.is_active(step, self._total_steps)
+
+    def _patch(self, pl_module: pl.LightningModule) -> None:
+        original = pl_module.training_step
+
+        @functools.wraps(original)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            return self._training_step(pl_module, original, *args, **kwargs)
+
+        pl_module.training_step = training_step  # type: ignore[method-assign]
+
+        def unpatch() -> None:
+            if pl_module.__dict__.get("training_step") is training_step:
+                del pl_module.training_step
+
+        self._unpatch = unpatch
+
+    def _training_step(
+        self, pl_module: pl.LightningModule, original: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        batch = args[0] if args else kwargs["batch"]
+        trainer = pl_module.trainer
+        size = self.batch_size(batch)
+        k = subset_size(self.keep, size, self._min_k)
+        if k >= size or not self.is_selective_step(trainer.global_step):
+            self._account(pl_module, size, size, active=False)
+            return original(*args, **kwargs)
+
+        started = time.perf_counter()
+        scores = self._score(pl_module, batch)
+        scored = time.perf_counter()
+        selection = self.selector.select(scores, k, self._generator(trainer, scores.losses.device))
+        selected = time.perf_counter()
+        self.last_selection = selection
+
+        subset = self.index_batch(batch, selection.indices)
+        rest = args[1:] if args else ()
+        call_args = (subset, *rest) if args else ()
+        call_kwargs = kwargs if args else {**kwargs, "batch": subset}
+        output = self._subset_step(pl_module, original, selection, call_args, call_kwargs)
+
+        self._track_nonfinite(scores.losses)
+        finite = torch.isfinite(scores.losses)
+        log = functools.partial(pl_module.log, on_step=True, on_epoch=False, batch_size=size)
+        log("sbp/full_loss", scores.losses.where(finite, torch.nan).nanmean())
+        log("sbp/selected_loss", scores.losses[selection.indices].where(finite[selection.indices], torch.nan).nanmean())
+        log("sbp/score_ms", 1e3 * (scored - started))
+        log("sbp/select_ms", 1e3 * (selected - scored))
+        self._account(pl_module, size, k, active=True)
+        return output
+
+    def _subset_step(
+        self,
+        pl_module: pl.LightningModule,
+        original: Callable[..., Any],
+        selection: Selection,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        if not isinstance(pl_module, SelectiveBackpropMixin):
+            return original(*args, **kwargs)
+        pl_module._sbp_weights = selection.weights
+        pl_module._sbp_reduced = False
+        try:
+            output = original(*args, **kwargs)
+        finally:
+            pl_module._sbp_weights = None
+        if self.selector.weighted and not pl_module._sbp_reduced:
+            raise RuntimeError(
+                f"{type(pl_module).__name__}.training_step did not reduce its losses with self.sbp_reduce, so the "
+                f"weights of selector {type(self.selector).__name__} would be lost; reduce per-example losses with "
+                "`loss = self.sbp_reduce(per_example_losses)`"
+            )
+        return output
+
+    def _score(self, pl_module: pl.LightningModule, batch: Any) -> Scores:
+        forward: Callable[[Any], tuple[Tensor, Tensor]]
+        loss_fn: LossFn
+        if isinstance(pl_module, SelectiveBackpropMixin):
+            forward, loss_fn = pl_module.sbp_forward, pl_module.sbp_loss
+        else:
+            forward = functools.partial(default_forward, pl_module)
+            loss_fn = self.loss_fn or per_example_cross_entropy
+        capture = self._capture
+        with scoring_mode(pl_module, self.score_mode), capture.armed() if capture else contextlib.nullcontext():
+            logits, targets = forward(batch)
+            losses = loss_fn(logits, targets).detach().float()
+        if torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu"):
+            torch.clear_autocast_cache()
+        if capture is None:
+            return Scores(losses=losses, logits=logits.detach())
+        features = capture.take(logits)
+        bias = capture.layer.bias is not None
+        logit_grads = logit_gradients_by_autograd(loss_fn, logits, targets)
+        return Scores(
+            losses=losses, logits=logits.detach(), logit_grads=logit_grads, features=features.float(), bias=bias
+        )
+
+    def _generator(self, trainer: pl.Trainer, device: torch.device) -> torch.Generator:
+        batch_in_epoch = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        seed = mix_seed(self.seed, trainer.global_rank, trainer.global_step, batch_in_epoch)
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def _account(self, pl_module: pl.LightningModule, seen: int, backpropagated: int, *, active: bool) -> None:
+        self.examples_seen += seen
+        self.examples_backpropagated += backpropagated
+        log = functools.partial(pl_module.log, on_step=True, on_epoch=False, batch_size=seen)
+        log("sbp/active", float(active))
+        log("sbp/k", float(backpropagated))
+        log("sbp/backprop_fraction", self.examples_backpropagated / self.examples_seen)
+
+    def _track_nonfinite(self, losses: Tensor) -> None:
+        flag = ~torch.isfinite(losses).all()
+        self._nonfinite = flag if self._nonfinite is None else self._nonfinite | flag
+
+    def _warn_nonfinite(self) -> None:
+        if self._warned_nonfinite or self._nonfinite is None:
+            return
+        if bool(self._nonfinite):
+            self._warned_nonfinite = True
+            rank_zero_warn(
+                "SelectiveBackprop saw NaN or inf per-example losses; those examples rank last in selection "
+                "and are left out of the logged losses. Check the learning rate, the data and the loss."
+            )
+        self._nonfinite = None

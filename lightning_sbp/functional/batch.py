@@ -1,0 +1,88 @@
+"""Batch arithmetic: how many examples a batch holds, how many to keep, and taking rows of it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["batch_size", "index_batch", "subset_size"]
+
+
+def batch_size(batch: Any) -> int:
+    """The number of examples in a batch: dim 0 of its first tensor.
+
+    Args:
+        batch: a tensor, or a (nested) tuple, list or mapping holding tensors.
+
+    Raises:
+        TypeError: if the batch holds no tensor.
+    """
+    tensor = _first_tensor(batch)
+    if tensor is None or tensor.dim() == 0:
+        raise TypeError(
+            f"cannot tell the size of a batch of type {type(batch).__name__}: it holds no tensor with a batch "
+            "dimension; override `SelectiveBackprop.batch_size` and `SelectiveBackprop.index_batch`"
+        )
+    return int(tensor.shape[0])
+
+
+def index_batch(batch: Any, indices: Tensor, size: int | None = None) -> Any:
+    """The rows ``indices`` of every tensor in ``batch`` that has ``size`` rows.
+
+    Tuples, lists, named tuples and mappings keep their type; other values (strings, scalars,
+    tensors of another length) pass through unchanged.
+
+    Args:
+        batch: a tensor, or a (nested) tuple, list or mapping holding tensors.
+        indices: ``long`` tensor of row indices.
+        size: the batch size; inferred with :func:`batch_size` when omitted.
+    """
+    if size is None:
+        size = batch_size(batch)
+    return _index(batch, indices, size)
+
+
+def subset_size(keep: float, size: int, minimum: int = 1) -> int:
+    """How many of ``size`` examples a fraction ``keep`` keeps: ``floor(keep * size)``, at least ``minimum``.
+
+    The same pure function of its arguments on every rank, and never more than ``size``.
+    """
+    # The small tolerance keeps products such as 0.29 * 100 = 28.999999999999996 at 29.
+    return min(size, max(minimum, math.floor(keep * size + 1e-6)))
+
+
+def _first_tensor(batch: Any) -> Tensor | None:
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        values: Any = batch.values()
+    elif isinstance(batch, Sequence) and not isinstance(batch, str | bytes):
+        values = batch
+    else:
+        return None
+    for value in values:
+        found = _first_tensor(value)
+        if found is not None and found.dim() > 0:
+            return found
+    return None
+
+
+def _index(value: Any, indices: Tensor, size: int) -> Any:
+    if isinstance(value, Tensor):
+        return value[indices] if value.dim() > 0 and value.shape[0] == size else value
+    if isinstance(value, Mapping):
+        items = {key: _index(item, indices, size) for key, item in value.items()}
+        mapping_type: Any = type(value)
+        try:
+            return mapping_type(items)
+        except TypeError:
+            return items
+    if isinstance(value, tuple):
+        items_seq = [_index(item, indices, size) for item in value]
+        return type(value)(*items_seq) if hasattr(value, "_fields") else type(value)(items_seq)
+    if isinstance(value, list):
+        return [_index(item, indices, size) for item in value]
+    return value

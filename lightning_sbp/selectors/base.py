@@ -1,0 +1,116 @@
+"""The contract between the training step and a selection policy."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Scores", "Selection", "Selector"]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The examples of a batch that go through the backward pass.
+
+    Attributes:
+        indices: ``long`` tensor of shape ``[k]`` with distinct row indices into the batch.
+        weights: float tensor of shape ``[k]`` in example units: all ones for a uniform subset;
+            weighted selectors normalise them to sum to ``k``.
+    """
+
+    indices: Tensor
+    weights: Tensor
+
+    @classmethod
+    def uniform(cls, indices: Tensor) -> Selection:
+        """A subset whose examples all weigh one."""
+        return cls(indices, torch.ones(indices.shape[0], device=indices.device))
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What the scoring pass learned about every example of a batch.
+
+    Attributes:
+        losses: per-example losses, shape ``[N]``; may hold NaN or inf.
+        logits: outputs of the final linear layer, shape ``[N, C]``, when captured.
+        logit_grads: gradient of each example's loss with respect to its own logits, shape
+            ``[N, C]`` (``softmax - onehot`` for plain cross-entropy), when captured.
+        features: inputs of the final linear layer, shape ``[N, D]``, when captured.
+        bias: whether the final linear layer has a bias.
+    """
+
+    losses: Tensor
+    logits: Tensor | None = None
+    logit_grads: Tensor | None = None
+    features: Tensor | None = None
+    bias: bool = True
+
+    @property
+    def size(self) -> int:
+        """The number of examples scored."""
+        return int(self.losses.shape[0])
+
+    def require_last_layer(self, who: str) -> tuple[Tensor, Tensor]:
+        """The last-layer features and logit gradients, or a clear error when they were not captured."""
+        if self.features is None or self.logit_grads is None:
+            raise RuntimeError(
+                f"{who} needs the inputs of the final linear layer, but the scoring pass did not capture them. "
+                "Set `needs_last_layer = True` on the selector class."
+            )
+        return self.features, self.logit_grads
+
+
+class Selector(ABC):
+    """A selection policy: given the scores of N examples, pick k of them and weigh them.
+
+    Subclasses implement :meth:`select` as a pure tensor function on the device of the scores,
+    without host-device synchronisation or Python loops over examples. Stateful selectors
+    (a loss history) override :meth:`state_dict` and :meth:`load_state_dict`.
+
+    Attributes:
+        needs_last_layer: whether :meth:`select` reads ``scores.features`` and ``scores.logit_grads``,
+            so that the scoring pass captures them only when something needs them.
+        weighted: whether the selection can carry non-uniform weights, which only a module with
+            :class:`~lightning_sbp.SelectiveBackpropMixin` can apply.
+    """
+
+    needs_last_layer: ClassVar[bool] = False
+    weighted: ClassVar[bool] = False
+
+    @abstractmethod
+    def select(self, scores: Scores, k: int, generator: torch.Generator) -> Selection:
+        """Choose ``k`` distinct examples.
+
+        Args:
+            scores: what the scoring pass measured on the batch.
+            k: the number of examples to keep, ``1 <= k <= scores.size``.
+            generator: a generator on the device of the scores, seeded per rank and step.
+
+        Returns:
+            The indices of the kept examples and their weights.
+        """
+
+    def setup(self, model: nn.Module) -> None:  # noqa: B027 - optional hook
+        """Check, once before training, that the model can be served; raise ``ValueError`` if not."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint; stateless selectors return an empty dict."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Restore what :meth:`state_dict` returned."""
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+def finite_or_lowest(losses: Tensor) -> Tensor:
+    """Losses with NaN and ±inf replaced by the lowest float, so that ranking never prefers them."""
+    lowest = torch.finfo(losses.dtype).min
+    return torch.where(torch.isfinite(losses), losses, torch.full_like(losses, lowest))

@@ -1,0 +1,125 @@
+"""Small models and data shared by the tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_sbp import SelectiveBackpropMixin
+
+
+def blobs(n: int = 256, classes: int = 4, size: int = 8, seed: int = 0) -> TensorDataset:
+    """Images whose class shifts their mean: learnable in a few steps."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = torch.randint(classes, (n,), generator=generator)
+    images = torch.randn(n, 1, size, size, generator=generator) + targets.view(-1, 1, 1, 1).float()
+    return TensorDataset(images, targets)
+
+
+class SmallCNN(SelectiveBackpropMixin, pl.LightningModule):
+    """A CNN with batch norm and dropout that records how many examples built a graph."""
+
+    def __init__(self, classes: int = 4, lr: float = 0.05, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.lr = lr
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(32, classes)
+        self.graph_sizes: list[int] = []
+        self.backward_sizes: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.head(self.body(x))
+        if torch.is_grad_enabled():
+            self.graph_sizes.append(x.shape[0])
+            logits.register_hook(lambda grad: self.backward_sizes.append(grad.shape[0]))
+        return logits
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class PlainClassifier(pl.LightningModule):
+    """An unmodified LightningModule with tuple batches."""
+
+    def __init__(self, features: int = 16, classes: int = 3) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(features, 32), nn.ReLU(), nn.Linear(32, classes))
+        self.seen: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        self.seen.append(x.shape[0])
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class DictDataset(Dataset):
+    """Token-like dict examples, as a text pipeline yields them."""
+
+    def __init__(self, n: int = 64, length: int = 6, vocab: int = 20, classes: int = 2) -> None:
+        generator = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(vocab, (n, length), generator=generator)
+        self.mask = torch.ones(n, length, dtype=torch.long)
+        self.labels = (self.ids[:, 0] % classes).long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+class PlainDictClassifier(pl.LightningModule):
+    """An unmodified LightningModule with dict batches and a keyword ``forward``; its step takes no batch_idx."""
+
+    def __init__(self, vocab: int = 20, classes: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.EmbeddingBag(vocab, 16)
+        self.head = nn.Linear(16, classes)
+        self.seen: list[int] = []
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.head(self.embed(input_ids, per_sample_weights=None) * attention_mask[:, :1])
+
+    def training_step(self, batch: dict[str, Tensor]) -> Tensor:
+        self.seen.append(batch["input_ids"].shape[0])
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        return F.cross_entropy(logits, batch["labels"])
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def loader(dataset: Dataset, batch_size: int = 32, shuffle: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+
+
+def trainer(**kwargs: Any) -> pl.Trainer:
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "max_epochs": 1,
+    }
+    options.update(kwargs)
+    return pl.Trainer(**options)

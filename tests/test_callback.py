@@ -1,0 +1,287 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import DictDataset, PlainClassifier, PlainDictClassifier, SmallCNN, blobs, loader, trainer
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+from lightning_sbp import Scores, Selection, SelectiveBackprop, Selector, register_selector
+
+
+@register_selector("test-half-weights")
+class HalfWeights(Selector):
+    """A user-defined weighted selector: the first k examples, weights alternating 0.5 and 1.5."""
+
+    weighted = True
+
+    def select(self, scores: Scores, k: int, generator: torch.Generator) -> Selection:
+        weights = torch.tensor([0.5, 1.5], device=scores.losses.device).repeat(k)[:k]
+        return Selection(torch.arange(k, device=scores.losses.device), weights)
+
+
+class Recorder(pl.Callback):
+    """Records, per training batch, whether the step selected and which rows it kept."""
+
+    def __init__(self, sbp: SelectiveBackprop) -> None:
+        self.sbp = sbp
+        self.steps: list[tuple[int, bool, list[int] | None]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.sbp.last_selection = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        selection = self.sbp.last_selection
+        indices = None if selection is None else selection.indices.tolist()
+        self.steps.append((trainer.global_step - 1, selection is not None, indices))
+
+
+def test_every_selective_step_builds_and_backpropagates_exactly_k_examples() -> None:
+    model = SmallCNN()
+    sbp = SelectiveBackprop("topk", keep=0.25)
+    trainer(callbacks=[sbp], max_epochs=2).fit(model, loader(blobs(256), 32))
+    assert model.graph_sizes == [8] * 16
+    assert model.backward_sizes == [8] * 16
+    assert sbp.examples_seen == 512 and sbp.examples_backpropagated == 128
+
+
+def test_scoring_pass_changes_no_buffer_and_no_grad() -> None:
+    torch.manual_seed(0)
+    model = SmallCNN(lr=0.0)
+    reference = copy.deepcopy(model)
+    sbp = SelectiveBackprop("topk", keep=0.5)
+    data = blobs(32)
+    trainer(callbacks=[sbp], max_steps=1).fit(model, loader(data, 32))
+    assert sbp.last_selection is not None
+    # Only the subset pass may have moved the running statistics: replay it alone on a copy.
+    reference.train()
+    reference(data.tensors[0][sbp.last_selection.indices])
+    bn, ref_bn = model.body[1], reference.body[1]
+    assert torch.equal(bn.num_batches_tracked, ref_bn.num_batches_tracked)
+    assert bn.num_batches_tracked.item() == 1
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var)
+
+
+def test_scoring_pass_runs_under_trainer_precision() -> None:
+    dtypes: list[torch.dtype] = []
+
+    class Probe(SmallCNN):
+        def forward(self, x: Tensor) -> Tensor:
+            out = super().forward(x)
+            if not torch.is_grad_enabled():
+                dtypes.append(out.dtype)
+            return out
+
+    trainer(callbacks=[SelectiveBackprop("topk", keep=0.5)], max_steps=2, precision="bf16-mixed").fit(
+        Probe(), loader(blobs(64), 32)
+    )
+    assert dtypes == [torch.bfloat16, torch.bfloat16]
+
+
+def test_batch_norm_needs_two_examples_and_tiny_batches_take_a_full_step() -> None:
+    model = SmallCNN()
+    sbp = SelectiveBackprop("random", keep=0.01)
+    # 34 examples in batches of 16: two batches keep 2 of 16, the last batch of 2 is a full step.
+    trainer(callbacks=[sbp]).fit(model, loader(blobs(34), 16))
+    assert model.graph_sizes == [2, 2, 2]
+    assert sbp.examples_backpropagated == 6
+
+
+def test_patch_path_with_tuple_batches_hands_the_subset_to_the_original_step() -> None:
+    model = PlainClassifier()
+    data = TensorDataset(torch.randn(64, 16), torch.randint(3, (64,)))
+    sbp = SelectiveBackprop("random", keep=0.25)
+    trainer(callbacks=[sbp]).fit(model, loader(data, 16))
+    assert model.seen == [4, 4, 4, 4]
+    assert "training_step" not in model.__dict__, "the original training_step is restored after fit"
+
+
+def test_patch_path_with_dict_batches_and_a_step_without_batch_idx() -> None:
+    model = PlainDictClassifier()
+    sbp = SelectiveBackprop("topk", keep=0.5)
+    trainer(callbacks=[sbp]).fit(model, loader(DictDataset(64), 16))
+    assert model.seen == [8, 8, 8, 8]
+
+
+def test_weighted_selector_on_an_unmodified_module_is_refused() -> None:
+    data = TensorDataset(torch.randn(32, 16), torch.randint(3, (32,)))
+    with pytest.raises(ValueError, match="SelectiveBackpropMixin"):
+        trainer(callbacks=[SelectiveBackprop("test-half-weights")]).fit(PlainClassifier(), loader(data, 16))
+
+
+def test_user_registered_weighted_selector_weighs_the_subset_loss() -> None:
+    torch.manual_seed(0)
+    model = SmallCNN(lr=0.0, dropout=0.0)
+    data = blobs(8)
+    losses: list[Tensor] = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, module: Any, outputs: Any, *args: Any) -> None:
+            losses.append(outputs["loss"].detach())
+
+    trainer(callbacks=[SelectiveBackprop("test-half-weights", keep=0.5), Spy()], max_steps=1).fit(
+        model, loader(data, 8)
+    )
+    # lr=0 leaves the weights as they were; replay the subset in train mode with batch statistics.
+    model.body[1].track_running_stats = False
+    with torch.no_grad():
+        per_example = torch.nn.functional.cross_entropy(
+            model(data.tensors[0][:4]), data.tensors[1][:4], reduction="none"
+        )
+    expected = (torch.tensor([0.5, 1.5, 0.5, 1.5]) * per_example).mean()
+    torch.testing.assert_close(losses[0], expected)
+
+
+def test_schedule_window_and_interrupt_in_a_real_run() -> None:
+    sbp = SelectiveBackprop("random", keep=0.5, start=0.25, end=0.75, interrupt=2)
+    recorder = Recorder(sbp)
+    trainer(callbacks=[sbp, recorder], max_steps=8).fit(SmallCNN(), loader(blobs(256), 16))
+    active = [selected for _, selected, _ in recorder.steps]
+    # window [2, 6): steps 2 and 4 select, 3 and 5 are interrupted by full steps.
+    assert active == [False, False, True, False, True, False, False, False]
+
+
+@pytest.mark.parametrize("selector", ["random", "topk", "test-half-weights"])
+def test_resume_in_the_window_makes_the_same_selections(tmp_path: Path, selector: str) -> None:
+    def run(ckpt_path: str | None, save_at: int | None) -> list[tuple[int, bool, list[int] | None]]:
+        torch.manual_seed(0)
+        sbp = SelectiveBackprop(selector, keep=0.25, start=0.2, end=0.9, seed=3)
+        recorder = Recorder(sbp)
+        callbacks: list[pl.Callback] = [sbp, recorder]
+        if save_at is not None:
+
+            class SaveAt(pl.Callback):
+                def on_train_epoch_end(self, trainer: pl.Trainer, module: Any) -> None:
+                    if trainer.global_step == save_at:
+                        trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+            callbacks.append(SaveAt())
+        trainer(callbacks=callbacks, max_epochs=4).fit(
+            SmallCNN(dropout=0.0), loader(blobs(64), 16), ckpt_path=ckpt_path
+        )
+        return recorder.steps
+
+    uninterrupted = run(None, save_at=8)
+    resumed = run(str(tmp_path / "mid.ckpt"), save_at=None)
+    assert [step for step, _, _ in resumed] == list(range(8, 16))
+    assert resumed == uninterrupted[8:]
+    assert any(selected for _, selected, _ in resumed)
+
+
+def test_nonfinite_losses_warn_once_and_training_goes_on() -> None:
+    def nan_first(logits: Tensor, targets: Tensor) -> Tensor:
+        losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        return torch.cat([torch.full_like(losses[:2], float("nan")), losses[2:3] * float("inf"), losses[3:]])
+
+    model = PlainClassifier()
+    sbp = SelectiveBackprop("topk", keep=0.5, loss_fn=nan_first)
+    data = TensorDataset(torch.randn(64, 16), torch.randint(3, (64,)))
+    with pytest.warns(UserWarning, match="NaN or inf") as record:
+        trainer(callbacks=[sbp], max_epochs=2).fit(model, loader(data, 16))
+    assert sum("NaN or inf" in str(w.message) for w in record) == 1
+    assert sbp.last_selection is not None
+    assert not set(sbp.last_selection.indices.tolist()) & {0, 1, 2}
+
+
+def test_metrics_reach_csv_and_tensorboard_loggers(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    csv = CSVLogger(tmp_path, name="csv")
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    trainer(callbacks=[SelectiveBackprop("topk", keep=0.5)], logger=[csv, tb], log_every_n_steps=1, max_steps=4).fit(
+        SmallCNN(), loader(blobs(128), 16)
+    )
+    header = (Path(csv.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    expected = {
+        "sbp/active",
+        "sbp/k",
+        "sbp/full_loss",
+        "sbp/selected_loss",
+        "sbp/score_ms",
+        "sbp/select_ms",
+        "sbp/backprop_fraction",
+    }
+    assert expected <= set(header)
+    events = EventAccumulator(tb.log_dir)
+    events.Reload()
+    assert expected <= set(events.Tags()["scalars"])
+    assert [e.value for e in events.Scalars("sbp/k")] == [8.0] * 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"selector": "nope"}, "registered selectors: .*random.*topk"),
+        ({"selector": 3}, "registered name"),
+        ({"keep": 0.0}, r"\(0, 1\]"),
+        ({"keep": 1.5}, r"\(0, 1\]"),
+        ({"keep": True}, r"\(0, 1\]"),
+        ({"start": 0.5, "end": 0.5}, "start < end"),
+        ({"start": -0.1}, "0 <= start"),
+        ({"end": 1.1}, "end <= 1"),
+        ({"interrupt": -1}, "integer >= 2"),
+        ({"interrupt": 1}, "integer >= 2"),
+        ({"interrupt": 2.5}, "integer >= 2"),
+        ({"score_mode": "test"}, "'train' or 'eval'"),
+        ({"seed": 1.5}, "integer"),
+        ({"loss_fn": "cross_entropy"}, "callable"),
+        ({"last_layer": 3}, "nn.Linear"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SelectiveBackprop(**kwargs)
+
+
+def test_unknown_last_layer_is_refused_at_setup_naming_the_linear_layers() -> None:
+    with pytest.raises(ValueError, match="head"):
+        trainer(callbacks=[SelectiveBackprop("test-needs-features", last_layer="nope")]).fit(
+            SmallCNN(), loader(blobs(32), 16)
+        )
+
+
+@register_selector("test-needs-features")
+class NeedsFeatures(Selector):
+    needs_last_layer = True
+
+    def select(self, scores: Scores, k: int, generator: torch.Generator) -> Selection:
+        features, grads = scores.require_last_layer("test")
+        return Selection.uniform(torch.topk(grads.norm(dim=1) * features.norm(dim=1), k).indices)
+
+
+def test_features_are_captured_only_for_selectors_that_need_them() -> None:
+    captured: list[Scores] = []
+
+    class Keep(NeedsFeatures):
+        def select(self, scores: Scores, k: int, generator: torch.Generator) -> Selection:
+            captured.append(scores)
+            return super().select(scores, k, generator)
+
+    trainer(callbacks=[SelectiveBackprop(Keep(), keep=0.5)], max_steps=1).fit(SmallCNN(), loader(blobs(32), 16))
+    scores = captured[0]
+    assert scores.features is not None and scores.features.shape == (16, 32)
+    assert scores.logit_grads is not None and scores.logits is not None
+    # cross-entropy's logit gradients are softmax minus one-hot: positive off the target, rows summing to zero
+    softmax = torch.softmax(scores.logits.float(), dim=1)
+    off_target = scores.logit_grads > 0
+    torch.testing.assert_close(scores.logit_grads[off_target], softmax[off_target])
+    torch.testing.assert_close(scores.logit_grads.sum(dim=1), torch.zeros(16), atol=1e-6, rtol=0)
+
+
+def test_features_are_not_captured_when_nothing_needs_them() -> None:
+    captured: list[Scores] = []
+
+    class Spy(Selector):
+        def select(self, scores: Scores, k: int, generator: torch.Generator) -> Selection:
+            captured.append(scores)
+            return Selection.uniform(torch.arange(k))
+
+    trainer(callbacks=[SelectiveBackprop(Spy(), keep=0.5)], max_steps=1).fit(SmallCNN(), loader(blobs(32), 16))
+    assert captured[0].features is None and captured[0].logit_grads is None
