@@ -12,15 +12,30 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    Strategy,
+)
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_sbp.functional.batch import batch_size, index_batch, subset_size
+from lightning_sbp.metrics import (
+    ExactGradientError,
+    GradientApproximationError,
+    GradientErrorRatio,
+    RandomSubsetGradientError,
+)
 from lightning_sbp.mixin import SelectiveBackpropMixin, default_forward
 from lightning_sbp.schedule import Schedule
 from lightning_sbp.scoring import (
     LastLayerCapture,
     find_last_linear,
+    frozen_running_stats,
     has_batch_norm,
     logit_gradients_by_autograd,
     scoring_mode,
@@ -31,11 +46,35 @@ __all__ = ["SelectiveBackprop"]
 
 ScoreMode = Literal["train", "eval"]
 LossFn = Callable[[Tensor, Tensor], Tensor]
+Forward = Callable[[Any], tuple[Tensor, Tensor]]
 
 
 def per_example_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Softmax cross-entropy per example: the default scoring loss of the patch path."""
     return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def check_strategy(strategy: Strategy) -> None:
+    """Refuse the strategies Selective Backprop cannot serve; warn about those it was not tested with.
+
+    Supported: one device, and DDP in all its launch modes (``ddp``, ``ddp_spawn``, ``ddp_fork``,
+    ``ddp_notebook``), where every rank holds the whole model.
+
+    Raises:
+        ValueError: for FSDP, DeepSpeed and model-parallel strategies, which shard the model.
+    """
+    if isinstance(strategy, FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy):
+        raise ValueError(
+            f"SelectiveBackprop does not support {type(strategy).__name__}: it shards the model and gathers the "
+            "parameters around each forward, and the scoring pass adds a second forward to every step, which "
+            "this strategy's parameter gathering and gradient handling are not tested with. Supported strategies: "
+            "single device and DDP ('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook'); use strategy='ddp' or drop "
+            "the SelectiveBackprop callback"
+        )
+    if not isinstance(strategy, SingleDeviceStrategy | DDPStrategy):
+        rank_zero_warn(
+            f"SelectiveBackprop is tested on a single device and with DDP, not with {type(strategy).__name__}"
+        )
 
 
 def mix_seed(*parts: int) -> int:
@@ -45,6 +84,47 @@ def mix_seed(*parts: int) -> int:
         state = ((state ^ (part & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
         state ^= state >> 31
     return state & 0x7FFFFFFFFFFFFFFF
+
+
+METRIC_OF = {
+    "grad_error": "proxy",
+    "grad_error_random": "random",
+    "grad_error_ratio": "ratio",
+    "grad_error_exact": "exact",
+}
+
+
+class GradientErrorMetrics(torch.nn.Module):
+    """The gradient-error metrics a callback tracks, moved to the module's device together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proxy = GradientApproximationError()
+        self.random = RandomSubsetGradientError()
+        self.ratio = GradientErrorRatio()
+        self.exact = ExactGradientError()
+
+
+def subset_and_full_gradients(
+    model: torch.nn.Module, forward: Forward, loss_fn: LossFn, batch: Any, subset: Any, weights: Tensor
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Gradients of the weighted subset loss and of the full-batch loss over all trainable parameters.
+
+    Computed with ``torch.autograd.grad``: ``.grad``, optimiser state and running statistics
+    stay as they were. Parameters the loss does not reach get zero gradients.
+    """
+    params = [param for param in model.parameters() if param.requires_grad]
+
+    def gradients(loss: Tensor) -> list[Tensor]:
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+    with torch.enable_grad(), frozen_running_stats(model):
+        logits, targets = forward(batch)
+        reference = gradients(loss_fn(logits, targets).mean())
+        logits, targets = forward(subset)
+        approximation = gradients((weights * loss_fn(logits, targets)).mean())
+    return approximation, reference
 
 
 class SelectiveBackprop(Callback):
@@ -74,6 +154,11 @@ class SelectiveBackprop(Callback):
             mixin; per-example cross-entropy when omitted.
         last_layer: qualified name of the final ``nn.Linear`` whose gradients selectors and
             metrics read; the last ``nn.Linear`` registered when omitted.
+        track_grad_error: log, on every selective step, how well the subset's last-layer gradient
+            approximates the full batch's (``sbp/grad_error``), what a random subset of the same
+            size would give (``sbp/grad_error_random``) and their ratio (``sbp/grad_error_ratio``).
+        exact_grad_error_every: every this many selective steps, also log ``sbp/grad_error_exact``,
+            the same error over all trainable parameters from two extra backward passes; ``0`` never.
 
     Raises:
         ValueError: for any argument outside its allowed values.
@@ -94,6 +179,8 @@ class SelectiveBackprop(Callback):
         seed: int = 0,
         loss_fn: LossFn | None = None,
         last_layer: str | None = None,
+        track_grad_error: bool = True,
+        exact_grad_error_every: int = 0,
     ) -> None:
         if isinstance(selector, str):
             selector = get_selector(selector)
@@ -112,6 +199,16 @@ class SelectiveBackprop(Callback):
             raise ValueError(f"loss_fn must be a callable (logits, targets) -> per-example losses, got {loss_fn!r}")
         if last_layer is not None and not isinstance(last_layer, str):
             raise ValueError(f"last_layer must be the qualified name of an nn.Linear, got {last_layer!r}")
+        if not isinstance(track_grad_error, bool):
+            raise ValueError(f"track_grad_error must be True or False, got {track_grad_error!r}")
+        if isinstance(exact_grad_error_every, bool) or not isinstance(exact_grad_error_every, int):
+            raise ValueError(
+                f"exact_grad_error_every must be 0 (never) or a positive integer, got {exact_grad_error_every!r}"
+            )
+        if exact_grad_error_every < 0:
+            raise ValueError(
+                f"exact_grad_error_every must be 0 (never) or a positive integer, got {exact_grad_error_every}"
+            )
         self.selector = selector
         self.keep = float(keep)
         self.schedule = Schedule(start, end, interrupt)
@@ -119,10 +216,14 @@ class SelectiveBackprop(Callback):
         self.seed = seed
         self.loss_fn = loss_fn
         self.last_layer = last_layer
+        self.track_grad_error = track_grad_error
+        self.exact_grad_error_every = exact_grad_error_every
         self.examples_seen = 0
+        self.selective_steps = 0
         self.examples_backpropagated = 0
         self.last_selection: Selection | None = None
         self._capture: LastLayerCapture | None = None
+        self._metrics: GradientErrorMetrics | None = None
         self._min_k = 1
         self._total_steps: float = float("inf")
         self._nonfinite: Tensor | None = None
@@ -135,6 +236,7 @@ class SelectiveBackprop(Callback):
         """Check that the module can be served and route its ``training_step`` through the callback."""
         if stage != "fit":
             return
+        check_strategy(trainer.strategy)
         mixin = isinstance(pl_module, SelectiveBackpropMixin)
         if self.selector.weighted and not mixin:
             raise ValueError(
@@ -148,9 +250,8 @@ class SelectiveBackprop(Callback):
                 f"{type(pl_module).__name__} uses manual optimisation (automatic_optimization=False), "
                 "which it does not support"
             )
-        if self.selector.needs_last_layer:
-            name, layer = find_last_linear(pl_module, self.last_layer)
-            self._capture = LastLayerCapture(layer, name)
+        self._capture = self._find_last_layer(pl_module)
+        self._metrics = GradientErrorMetrics() if self.track_grad_error and self._capture is not None else None
         self._min_k = 2 if has_batch_norm(pl_module) else 1
         self.selector.setup(pl_module)
         self._patch(pl_module)
@@ -159,6 +260,8 @@ class SelectiveBackprop(Callback):
         """Fix the selective window for this run's length."""
         self._total_steps = float(trainer.estimated_stepping_batches)
         self.schedule.window(self._total_steps)
+        if self._metrics is not None:
+            self._metrics.to(pl_module.device)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -183,6 +286,7 @@ class SelectiveBackprop(Callback):
             "selector": self.selector.state_dict(),
             "examples_seen": self.examples_seen,
             "examples_backpropagated": self.examples_backpropagated,
+            "selective_steps": self.selective_steps,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -190,6 +294,7 @@ class SelectiveBackprop(Callback):
         self.selector.load_state_dict(state_dict.get("selector", {}))
         self.examples_seen = int(state_dict.get("examples_seen", 0))
         self.examples_backpropagated = int(state_dict.get("examples_backpropagated", 0))
+        self.selective_steps = int(state_dict.get("selective_steps", 0))
 
     # ------------------------------------------------------------------ batch hooks a subclass can override
 
@@ -206,6 +311,18 @@ class SelectiveBackprop(Callback):
     def is_selective_step(self, step: int) -> bool:
         """Whether optimiser step ``step`` selects: the same answer on every rank."""
         return self.schedule.is_active(step, self._total_steps)
+
+    def _find_last_layer(self, pl_module: pl.LightningModule) -> LastLayerCapture | None:
+        if not (self.selector.needs_last_layer or self.track_grad_error):
+            return None
+        try:
+            name, layer = find_last_linear(pl_module, self.last_layer)
+        except ValueError as error:
+            if self.selector.needs_last_layer or self.last_layer is not None:
+                raise
+            rank_zero_warn(f"SelectiveBackprop does not track gradient errors: {error}")
+            return None
+        return LastLayerCapture(layer, name)
 
     def _patch(self, pl_module: pl.LightningModule) -> None:
         original = pl_module.training_step
@@ -229,18 +346,22 @@ class SelectiveBackprop(Callback):
         trainer = pl_module.trainer
         size = self.batch_size(batch)
         k = subset_size(self.keep, size, self._min_k)
-        if k >= size or not self.is_selective_step(trainer.global_step):
+        # Under DDP a rank whose batch is too small to select from still scores and trains on all of it, so that
+        # every rank runs the same forward passes (and the collectives in them, as in SyncBatchNorm).
+        if not self.is_selective_step(trainer.global_step) or (k >= size and trainer.world_size == 1):
             self._account(pl_module, size, size, active=False)
             return original(*args, **kwargs)
 
         started = time.perf_counter()
         scores = self._score(pl_module, batch)
         scored = time.perf_counter()
-        selection = self.selector.select(scores, k, self._generator(trainer, scores.losses.device))
+        selection = self._select(trainer, scores, k)
         selected = time.perf_counter()
         self.last_selection = selection
 
         subset = self.index_batch(batch, selection.indices)
+        if self._metrics is not None:
+            self._log_grad_errors(pl_module, batch, subset, scores, selection, k)
         rest = args[1:] if args else ()
         call_args = (subset, *rest) if args else ()
         call_kwargs = kwargs if args else {**kwargs, "batch": subset}
@@ -254,6 +375,7 @@ class SelectiveBackprop(Callback):
         log("sbp/score_ms", 1e3 * (scored - started))
         log("sbp/select_ms", 1e3 * (selected - scored))
         self._account(pl_module, size, k, active=True)
+        self.selective_steps += 1
         return output
 
     def _subset_step(
@@ -280,14 +402,13 @@ class SelectiveBackprop(Callback):
             )
         return output
 
-    def _score(self, pl_module: pl.LightningModule, batch: Any) -> Scores:
-        forward: Callable[[Any], tuple[Tensor, Tensor]]
-        loss_fn: LossFn
+    def _forward_and_loss(self, pl_module: pl.LightningModule) -> tuple[Forward, LossFn]:
         if isinstance(pl_module, SelectiveBackpropMixin):
-            forward, loss_fn = pl_module.sbp_forward, pl_module.sbp_loss
-        else:
-            forward = functools.partial(default_forward, pl_module)
-            loss_fn = self.loss_fn or per_example_cross_entropy
+            return pl_module.sbp_forward, pl_module.sbp_loss
+        return functools.partial(default_forward, pl_module), self.loss_fn or per_example_cross_entropy
+
+    def _score(self, pl_module: pl.LightningModule, batch: Any) -> Scores:
+        forward, loss_fn = self._forward_and_loss(pl_module)
         capture = self._capture
         with scoring_mode(pl_module, self.score_mode), capture.armed() if capture else contextlib.nullcontext():
             logits, targets = forward(batch)
@@ -302,6 +423,38 @@ class SelectiveBackprop(Callback):
         return Scores(
             losses=losses, logits=logits.detach(), logit_grads=logit_grads, features=features.float(), bias=bias
         )
+
+    def _log_grad_errors(
+        self, pl_module: pl.LightningModule, batch: Any, subset: Any, scores: Scores, selection: Selection, k: int
+    ) -> None:
+        metrics = self._metrics
+        assert metrics is not None
+        error = metrics.proxy(scores.gram, selection.indices, selection.weights)
+        random_error = metrics.random(scores.gram, k)
+        values = {
+            "grad_error": error,
+            "grad_error_random": random_error,
+            "grad_error_ratio": metrics.ratio(error, random_error),
+        }
+        every = self.exact_grad_error_every
+        if every and self.selective_steps % every == 0:
+            forward, loss_fn = self._forward_and_loss(pl_module)
+            approximation, reference = subset_and_full_gradients(
+                pl_module, forward, loss_fn, batch, subset, selection.weights
+            )
+            values["grad_error_exact"] = metrics.exact(approximation, reference)
+        for name, value in values.items():
+            # Step values are this batch's; epoch values are the metric's mean over the epoch, synced across ranks.
+            pl_module.log(f"sbp/{name}_step", value, on_step=True, on_epoch=False, batch_size=scores.size)
+            metric = getattr(metrics, METRIC_OF[name])
+            pl_module.log(f"sbp/{name}_epoch", metric, on_step=False, on_epoch=True, metric_attribute=f"sbp_{name}")
+
+    @torch.compiler.disable
+    def _select(self, trainer: pl.Trainer, scores: Scores, k: int) -> Selection:
+        # Kept out of any compiled graph: selection is data-dependent and would recompile or break the graph.
+        if k >= scores.size:
+            return Selection.uniform(torch.arange(scores.size, device=scores.losses.device))
+        return self.selector.select(scores, k, self._generator(trainer, scores.losses.device))
 
     def _generator(self, trainer: pl.Trainer, device: torch.device) -> torch.Generator:
         batch_in_epoch = trainer.fit_loop.epoch_loop.batch_progress.current.ready

@@ -1,5 +1,22 @@
-"""Pure tensor functions: batch arithmetic, last-layer Gram matrices, Gram-OMP, gradient errors."""
+"""Pure tensor functions: batch arithmetic, last-layer Gram matrices, Gram-OMP, gradient errors.
+
+Nothing here knows Lightning; every function runs on the device of its inputs.
+"""
 
 from lightning_sbp.functional.batch import batch_size, index_batch, subset_size
+from lightning_sbp.functional.grad_error import random_subset_gradient_error, subset_gradient_error
+from lightning_sbp.functional.gram import gradient_gram, gradient_norm_bound, last_layer_gram, logit_gradients
+from lightning_sbp.functional.omp import omp_gram
 
-__all__ = ["batch_size", "index_batch", "subset_size"]
+__all__ = [
+    "batch_size",
+    "gradient_gram",
+    "gradient_norm_bound",
+    "index_batch",
+    "last_layer_gram",
+    "logit_gradients",
+    "omp_gram",
+    "random_subset_gradient_error",
+    "subset_gradient_error",
+    "subset_size",
+]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from lightning_sbp.functional.gram import gradient_gram
 
 __all__ = ["Scores", "Selection", "Selector"]
 
@@ -49,11 +51,37 @@ class Scores:
     logit_grads: Tensor | None = None
     features: Tensor | None = None
     bias: bool = True
+    _grams: dict[torch.dtype, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def size(self) -> int:
         """The number of examples scored."""
         return int(self.losses.shape[0])
+
+    @property
+    def gram(self) -> Tensor:
+        """The float32 Gram matrix ``[N, N]`` of per-example last-layer gradients (see :meth:`gram_in`)."""
+        return self.gram_in(torch.float32)
+
+    def gram_in(self, dtype: torch.dtype) -> Tensor:
+        """The Gram matrix of per-example last-layer gradients in ``dtype``, computed once per batch.
+
+        Examples whose loss, features or logit gradients are not finite count as zero gradients.
+
+        Raises:
+            RuntimeError: if the scoring pass did not capture the last layer.
+        """
+        if dtype not in self._grams:
+            features, logit_grads = self.require_last_layer("the last-layer Gram matrix")
+            valid = (
+                torch.isfinite(self.losses)
+                & torch.isfinite(features).all(dim=1)
+                & torch.isfinite(logit_grads).all(dim=1)
+            ).unsqueeze(1)
+            features = torch.where(valid, features.to(dtype), 0.0)
+            logit_grads = torch.where(valid, logit_grads.to(dtype), 0.0)
+            self._grams[dtype] = gradient_gram(features, logit_grads, bias=self.bias)
+        return self._grams[dtype]
 
     def require_last_layer(self, who: str) -> tuple[Tensor, Tensor]:
         """The last-layer features and logit gradients, or a clear error when they were not captured."""

@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import SmallCNN, blobs, loader, trainer
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_sbp import SelectiveBackprop
+from lightning_sbp.callback import subset_and_full_gradients
+from lightning_sbp.functional.grad_error import random_subset_gradient_error, subset_gradient_error
+from lightning_sbp.metrics import (
+    ExactGradientError,
+    GradientApproximationError,
+    GradientErrorRatio,
+    RandomSubsetGradientError,
+    relative_gradient_error,
+)
+
+
+def random_gram(n: int, seed: int) -> torch.Tensor:
+    g = torch.randn(n, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return g @ g.T
+
+
+def test_metrics_average_their_per_batch_functional_values() -> None:
+    grams = [random_gram(8, seed) for seed in range(3)]
+    indices, weights = torch.tensor([0, 3, 5]), torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)
+    proxy, rand, ratio = GradientApproximationError(), RandomSubsetGradientError(), GradientErrorRatio()
+    for gram in grams:
+        batch_value = proxy(gram, indices, weights)
+        torch.testing.assert_close(batch_value, subset_gradient_error(gram, indices, weights).double())
+        ratio(batch_value, rand(gram, 3))
+    errors = torch.stack([subset_gradient_error(g, indices, weights) for g in grams]).double()
+    randoms = torch.stack([random_subset_gradient_error(g, 3) for g in grams]).double()
+    torch.testing.assert_close(proxy.compute(), errors.mean())
+    torch.testing.assert_close(rand.compute(), randoms.mean())
+    torch.testing.assert_close(ratio.compute(), (errors / randoms).mean())
+    assert proxy.higher_is_better is False
+
+
+def test_relative_gradient_error_treats_parameters_as_one_vector() -> None:
+    reference = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0]])]
+    approximation = [torch.tensor([3.0, 1.0]), torch.tensor([[4.0]])]
+    torch.testing.assert_close(relative_gradient_error(approximation, reference), torch.tensor(0.2, dtype=torch.float64))
+    zero = [torch.zeros(2)]
+    assert relative_gradient_error(zero, zero).item() == 0.0
+    metric = ExactGradientError()
+    metric(approximation, reference)
+    metric(reference, reference)
+    torch.testing.assert_close(metric.compute(), torch.tensor(0.1, dtype=torch.float64))
+
+
+def _reduce_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    metric = GradientApproximationError()
+    # rank 0 sees two batches, rank 1 one: the epoch value is the mean over all three
+    for seed in ([0, 1] if rank == 0 else [2]):
+        metric.update(random_gram(6, seed), torch.tensor([1, 2]), torch.ones(2, dtype=torch.float64))
+    value = metric.compute()
+    torch.save(value, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_metric_reduces_across_two_processes(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_reduce_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    expected = torch.stack(
+        [subset_gradient_error(random_gram(6, s), torch.tensor([1, 2]), torch.ones(2, dtype=torch.float64)) for s in range(3)]
+    ).double().mean()
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), expected)
+
+
+def test_exact_gradients_match_explicit_backward_and_touch_nothing() -> None:
+    torch.manual_seed(0)
+    model = SmallCNN(dropout=0.0)
+    model.train()
+    x, y = blobs(16).tensors
+    batch, indices = (x, y), torch.tensor([1, 4, 7, 9])
+    weights = torch.tensor([0.5, 1.0, 1.5, 1.0])
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+
+    approx, reference = subset_and_full_gradients(
+        model, model.sbp_forward, model.sbp_loss, batch, (x[indices], y[indices]), weights
+    )
+
+    for p in model.parameters():
+        assert torch.all(p.grad == 7.0)
+    for name, value in model.named_buffers():
+        assert torch.equal(value, buffers[name]), name
+    explicit = copy.deepcopy(model)
+    explicit.body[1].track_running_stats = False
+    for params_grads, inputs, targets, w in [(reference, x, y, None), (approx, x[indices], y[indices], weights)]:
+        explicit.zero_grad()
+        losses = torch.nn.functional.cross_entropy(explicit(inputs), targets, reduction="none")
+        (losses.mean() if w is None else (w * losses).mean()).backward()
+        for mine, param in zip(params_grads, explicit.parameters(), strict=True):
+            torch.testing.assert_close(mine, param.grad)
+
+
+def test_callback_logs_step_and_epoch_errors_and_the_exact_error(tmp_path: Path) -> None:
+    csv = CSVLogger(tmp_path)
+    sbp = SelectiveBackprop("topk", keep=0.25, exact_grad_error_every=2)
+    trainer(callbacks=[sbp], logger=csv, log_every_n_steps=1, max_epochs=2).fit(SmallCNN(), loader(blobs(64), 16))
+    lines = (Path(csv.log_dir) / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    for name in ("grad_error", "grad_error_random", "grad_error_ratio", "grad_error_exact"):
+        assert f"sbp/{name}_step" in header and f"sbp/{name}_epoch" in header
+    rows = [dict(zip(header, line.split(","), strict=True)) for line in lines[1:]]
+    steps = [r for r in rows if r["sbp/grad_error_step"]]
+    assert len(steps) == 8
+    ratios = [float(r["sbp/grad_error_ratio_step"]) for r in steps]
+    quotients = [float(r["sbp/grad_error_step"]) / float(r["sbp/grad_error_random_step"]) for r in steps]
+    assert ratios == pytest.approx(quotients, rel=1e-5)
+    # measured on every other selective step; Lightning repeats a step value until it is logged again
+    exact = [float(r["sbp/grad_error_exact_step"]) for r in steps]
+    assert exact[0::2] == exact[1::2] and len(set(exact)) == 4
+    epochs = [r for r in rows if r["sbp/grad_error_epoch"]]
+    assert len(epochs) == 2
+    assert float(epochs[0]["sbp/grad_error_epoch"]) == pytest.approx(
+        sum(float(r["sbp/grad_error_step"]) for r in steps[:4]) / 4, rel=1e-5
+    )
+
+
+def test_tracking_can_be_switched_off() -> None:
+    sbp = SelectiveBackprop("random", keep=0.5, track_grad_error=False)
+    t = trainer(callbacks=[sbp], max_steps=2)
+    t.fit(SmallCNN(), loader(blobs(64), 16))
+    assert not any(key.startswith("sbp/grad_error") for key in t.callback_metrics)
+    assert "sbp/k" in t.callback_metrics
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"track_grad_error": 1}, "True or False"),
+                                                 ({"exact_grad_error_every": -1}, "positive integer"),
+                                                 ({"exact_grad_error_every": 1.5}, "positive integer")])
+def test_bad_tracking_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SelectiveBackprop(**kwargs)
