@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence, Sized
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -22,8 +22,10 @@ from lightning.pytorch.strategies import (
 )
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torch.utils.data import Dataset, default_collate
 
-from lightning_sbp.functional.batch import batch_size, index_batch, subset_size
+from lightning_sbp.functional.batch import batch_size, example_indices, index_batch, subset_size
+from lightning_sbp.functional.resize import downscale
 from lightning_sbp.metrics import (
     ExactGradientError,
     GradientApproximationError,
@@ -32,6 +34,7 @@ from lightning_sbp.metrics import (
 )
 from lightning_sbp.mixin import SelectiveBackpropMixin, default_forward
 from lightning_sbp.schedule import Schedule
+from lightning_sbp.score_cache import ScoreCache
 from lightning_sbp.scoring import (
     LastLayerCapture,
     find_last_linear,
@@ -45,6 +48,8 @@ from lightning_sbp.selectors import Scores, Selection, Selector, available_selec
 __all__ = ["SelectiveBackprop"]
 
 ScoreMode = Literal["train", "eval"]
+ScorePrecision = Literal["same", "bf16", "16"]
+SCORE_DTYPES: dict[str, torch.dtype | None] = {"same": None, "bf16": torch.bfloat16, "16": torch.float16}
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Forward = Callable[[Any], tuple[Tensor, Tensor]]
 
@@ -127,6 +132,16 @@ def subset_and_full_gradients(
     return approximation, reference
 
 
+def training_dataset(trainer: pl.Trainer) -> Dataset | None:
+    """The dataset behind the trainer's training data, when it can be found before the first step."""
+    datamodule = getattr(trainer, "datamodule", None)
+    loader: Any = datamodule.train_dataloader() if datamodule is not None else None
+    if loader is None:
+        source = getattr(trainer.fit_loop, "_data_source", None)
+        loader = source.dataloader() if source is not None and source.is_defined() else None
+    return getattr(loader, "dataset", None)
+
+
 class SelectiveBackprop(Callback):
     """Forward every example of a batch, backpropagate only a selected, possibly weighted, subset.
 
@@ -159,6 +174,18 @@ class SelectiveBackprop(Callback):
             size would give (``sbp/grad_error_random``) and their ratio (``sbp/grad_error_ratio``).
         exact_grad_error_every: every this many selective steps, also log ``sbp/grad_error_exact``,
             the same error over all trainable parameters from two extra backward passes; ``0`` never.
+        score_precision: ``"same"`` scores under the trainer's precision; ``"bf16"`` or ``"16"``
+            score under autocast to bfloat16 or float16, whatever the training precision.
+        score_scale: the scoring pass sees inputs resampled to this fraction of their spatial size,
+            ``0 < score_scale <= 1``; the subset pass always sees the full inputs.
+        stale_epochs: reuse each example's scores for this many epochs after the one that computed
+            them, skipping the scoring pass on batches whose scores are all fresh; ``0`` never.
+            Needs batches that carry example indices (see :meth:`example_indices`).
+
+    The gradient-error metrics always measure against the full batch scored at the trainer's
+    precision and full scale: with a cheaper scoring pass (``score_precision``, ``score_scale``,
+    ``stale_epochs``) they show what it costs in selection quality, at the price of one more
+    scoring pass; ``track_grad_error=False`` leaves only the cheap one.
 
     Raises:
         ValueError: for any argument outside its allowed values.
@@ -181,6 +208,9 @@ class SelectiveBackprop(Callback):
         last_layer: str | None = None,
         track_grad_error: bool = True,
         exact_grad_error_every: int = 0,
+        score_precision: ScorePrecision = "same",
+        score_scale: float = 1.0,
+        stale_epochs: int = 0,
     ) -> None:
         if isinstance(selector, str):
             selector = get_selector(selector)
@@ -209,8 +239,20 @@ class SelectiveBackprop(Callback):
             raise ValueError(
                 f"exact_grad_error_every must be 0 (never) or a positive integer, got {exact_grad_error_every}"
             )
+        if score_precision not in SCORE_DTYPES:
+            raise ValueError(
+                f"score_precision must be one of {', '.join(map(repr, SCORE_DTYPES))}; got {score_precision!r}"
+            )
+        if isinstance(score_scale, bool) or not isinstance(score_scale, int | float) or not 0.0 < score_scale <= 1.0:
+            raise ValueError(f"score_scale must be a fraction in (0, 1], got {score_scale!r}")
+        if isinstance(stale_epochs, bool) or not isinstance(stale_epochs, int) or stale_epochs < 0:
+            raise ValueError(f"stale_epochs must be 0 (never) or a positive integer, got {stale_epochs!r}")
         self.selector = selector
         self.keep = float(keep)
+        self.score_precision = score_precision
+        self.score_scale = float(score_scale)
+        self.stale_epochs = stale_epochs
+        self.score_cache: ScoreCache | None = None
         self.schedule = Schedule(start, end, interrupt)
         self.score_mode = score_mode
         self.seed = seed
@@ -229,6 +271,7 @@ class SelectiveBackprop(Callback):
         self._nonfinite: Tensor | None = None
         self._warned_nonfinite = False
         self._unpatch: Callable[[], None] | None = None
+        self._cache_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ hooks
 
@@ -254,6 +297,8 @@ class SelectiveBackprop(Callback):
         self._metrics = GradientErrorMetrics() if self.track_grad_error and self._capture is not None else None
         self._min_k = 2 if has_batch_norm(pl_module) else 1
         self.selector.setup(pl_module)
+        if self.stale_epochs:
+            self.score_cache = self._make_score_cache(trainer)
         self._patch(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -287,6 +332,7 @@ class SelectiveBackprop(Callback):
             "examples_seen": self.examples_seen,
             "examples_backpropagated": self.examples_backpropagated,
             "selective_steps": self.selective_steps,
+            "score_cache": None if self.score_cache is None else self.score_cache.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -295,6 +341,9 @@ class SelectiveBackprop(Callback):
         self.examples_seen = int(state_dict.get("examples_seen", 0))
         self.examples_backpropagated = int(state_dict.get("examples_backpropagated", 0))
         self.selective_steps = int(state_dict.get("selective_steps", 0))
+        self._cache_state = state_dict.get("score_cache")
+        if self.score_cache is not None and self._cache_state is not None:
+            self.score_cache.load_state_dict(self._cache_state)
 
     # ------------------------------------------------------------------ batch hooks a subclass can override
 
@@ -306,11 +355,51 @@ class SelectiveBackprop(Callback):
         """The rows ``indices`` of ``batch``; override for batch types other than tensors, tuples and dicts."""
         return index_batch(batch, indices)
 
+    def example_indices(self, batch: Any) -> Tensor | None:
+        """The dataset indices of the batch's examples, for ``stale_epochs``; override for other batch layouts."""
+        return example_indices(batch)
+
+    def scale_inputs(self, batch: Any, scale: float) -> Any:
+        """The batch the scoring pass sees with ``score_scale < 1``: its inputs downscaled.
+
+        The inputs are the first element of a tuple or list batch, or the first floating-point
+        tensor of a mapping. Override for other layouts.
+
+        Raises:
+            ValueError: if the inputs have no spatial dimensions to downscale, naming their shape.
+        """
+        if isinstance(batch, Mapping):
+            key = next(
+                (key for key, value in batch.items() if isinstance(value, Tensor) and value.is_floating_point()), None
+            )
+            if key is None:
+                raise ValueError("score_scale < 1 found no floating-point inputs in the dict batch to downscale")
+            return {**batch, key: downscale(batch[key], scale)}
+        if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) > 0:
+            items = [downscale(batch[0], scale), *batch[1:]]
+            return items if isinstance(batch, list) else tuple(items)
+        return downscale(batch, scale)
+
     # ------------------------------------------------------------------ the step
 
     def is_selective_step(self, step: int) -> bool:
         """Whether optimiser step ``step`` selects: the same answer on every rank."""
         return self.schedule.is_active(step, self._total_steps)
+
+    def _make_score_cache(self, trainer: pl.Trainer) -> ScoreCache:
+        dataset = training_dataset(trainer)
+        example = dataset[0] if dataset is not None else None
+        if dataset is None or example_indices(default_collate([example])) is None:
+            raise ValueError(
+                "stale_epochs needs training batches that carry each example's dataset index, as "
+                "(inputs, targets, indices) tuples or dicts with an 'index' key, to cache scores by example; "
+                f"the training data yields {type(example).__name__} examples without one. The recipes' DataModules "
+                "return indices; wrap your dataset to return them, or override SelectiveBackprop.example_indices"
+            )
+        cache = ScoreCache(len(cast(Sized, dataset)), self.stale_epochs)
+        if self._cache_state is not None:
+            cache.load_state_dict(self._cache_state)
+        return cache
 
     def _find_last_layer(self, pl_module: pl.LightningModule) -> LastLayerCapture | None:
         if not (self.selector.needs_last_layer or self.track_grad_error):
@@ -353,15 +442,18 @@ class SelectiveBackprop(Callback):
             return original(*args, **kwargs)
 
         started = time.perf_counter()
-        scores = self._score(pl_module, batch)
+        scores, cheap = self._cheap_scores(pl_module, batch)
         scored = time.perf_counter()
         selection = self._select(trainer, scores, k)
         selected = time.perf_counter()
         self.last_selection = selection
 
         subset = self.index_batch(batch, selection.indices)
-        if self._metrics is not None:
-            self._log_grad_errors(pl_module, batch, subset, scores, selection, k)
+        # k >= size happens only under DDP, on a rank whose batch is too small to select from: nothing to measure.
+        if self._metrics is not None and k < size:
+            # Selection quality is measured against the full batch as the trainer would score it.
+            true_scores = self._score(pl_module, batch) if cheap else scores
+            self._log_grad_errors(pl_module, batch, subset, true_scores, selection, k)
         rest = args[1:] if args else ()
         call_args = (subset, *rest) if args else ()
         call_kwargs = kwargs if args else {**kwargs, "batch": subset}
@@ -406,6 +498,26 @@ class SelectiveBackprop(Callback):
         if isinstance(pl_module, SelectiveBackpropMixin):
             return pl_module.sbp_forward, pl_module.sbp_loss
         return functools.partial(default_forward, pl_module), self.loss_fn or per_example_cross_entropy
+
+    def _cheap_scores(self, pl_module: pl.LightningModule, batch: Any) -> tuple[Scores, bool]:
+        """Scores as the options make them: cached, rescaled or at lower precision; and whether they are."""
+        cheap = self.score_precision != "same" or self.score_scale < 1.0
+        cache, epoch = self.score_cache, pl_module.current_epoch
+        indices = None
+        if cache is not None:
+            indices = self.example_indices(batch)
+            if indices is None:
+                raise ValueError("stale_epochs needs batches that carry example indices; this batch has none")
+            cached = cache.lookup(indices, epoch)
+            if cached is not None:
+                return cached, True
+        scaled = self.scale_inputs(batch, self.score_scale) if self.score_scale < 1.0 else batch
+        dtype = SCORE_DTYPES[self.score_precision]
+        with torch.autocast(pl_module.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+            scores = self._score(pl_module, scaled)
+        if cache is not None and indices is not None:
+            cache.store(indices, scores, epoch)
+        return scores, cheap
 
     def _score(self, pl_module: pl.LightningModule, batch: Any) -> Scores:
         forward, loss_fn = self._forward_and_loss(pl_module)

@@ -83,7 +83,7 @@ class GradientApproximationError(_BatchMean):
         1.0
     """
 
-    def update(self, gram: Tensor, indices: Tensor, weights: Tensor) -> None:  # type: ignore[override]
+    def update(self, gram: Tensor, indices: Tensor, weights: Tensor) -> None:
         """Measure one batch: its Gram matrix ``[N, N]``, the kept indices ``[k]`` and their weights ``[k]``."""
         self._add(subset_gradient_error(gram, indices, weights))
 
@@ -96,7 +96,7 @@ class RandomSubsetGradientError(_BatchMean):
     :func:`~lightning_sbp.functional.random_subset_gradient_error`).
     """
 
-    def update(self, gram: Tensor, k: int) -> None:  # type: ignore[override]
+    def update(self, gram: Tensor, k: int) -> None:
         """Measure one batch: its Gram matrix ``[N, N]`` and the subset size ``k``."""
         self._add(random_subset_gradient_error(gram, k))
 
@@ -108,7 +108,7 @@ class GradientErrorRatio(_BatchMean):
     subsets of the same size.
     """
 
-    def update(self, error: Tensor, random_error: Tensor) -> None:  # type: ignore[override]
+    def update(self, error: Tensor, random_error: Tensor) -> None:
         """Measure one batch from its selector error and its random-subset error."""
         self._add(error.double() / random_error.double())
 
@@ -119,6 +119,6 @@ class ExactGradientError(_BatchMean):
     The ground truth the last-layer proxy stands for, at the price of a full backward.
     """
 
-    def update(self, approximation: list[Tensor], reference: list[Tensor]) -> None:  # type: ignore[override]
+    def update(self, approximation: list[Tensor], reference: list[Tensor]) -> None:
         """Measure one batch from subset gradients and full-batch gradients, one tensor per parameter."""
         self._add(relative_gradient_error(approximation, reference))

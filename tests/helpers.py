@@ -38,10 +38,15 @@ class SmallCNN(SelectiveBackpropMixin, pl.LightningModule):
         self.head = nn.Linear(32, classes)
         self.graph_sizes: list[int] = []
         self.backward_sizes: list[int] = []
+        self.scoring_shapes: list[tuple[int, ...]] = []
+        self.scoring_dtypes: list[torch.dtype] = []
 
     def forward(self, x: Tensor) -> Tensor:
         logits = self.head(self.body(x))
-        if torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
+            self.scoring_shapes.append(tuple(x.shape))
+            self.scoring_dtypes.append(logits.dtype)
+        else:
             self.graph_sizes.append(x.shape[0])
             logits.register_hook(lambda grad: self.backward_sizes.append(grad.shape[0]))
         return logits
@@ -105,6 +110,20 @@ class PlainDictClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Indexed(Dataset):
+    """A dataset whose examples carry their own index, as the recipes' datasets do."""
+
+    def __init__(self, dataset: TensorDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
+        x, y = self.dataset[i]
+        return x, y, i
 
 
 def loader(dataset: Dataset, batch_size: int = 32, shuffle: bool = False) -> DataLoader:

@@ -8,7 +8,9 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["batch_size", "index_batch", "subset_size"]
+__all__ = ["INDEX_KEYS", "batch_size", "example_indices", "index_batch", "subset_size"]
+
+INDEX_KEYS = ("index", "indices", "idx")
 
 
 def batch_size(batch: Any) -> int:
@@ -52,6 +54,23 @@ def subset_size(keep: float, size: int, minimum: int = 1) -> int:
     """
     # The small tolerance keeps products such as 0.29 * 100 = 28.999999999999996 at 29.
     return min(size, max(minimum, math.floor(keep * size + 1e-6)))
+
+
+def example_indices(batch: Any) -> Tensor | None:
+    """The dataset indices of a batch's examples, when the batch carries them.
+
+    Found as the third element of an ``(inputs, targets, indices, ...)`` tuple or list, or under
+    an ``index``, ``indices`` or ``idx`` key of a mapping, as a 1-D integer tensor.
+    """
+    if isinstance(batch, Mapping):
+        candidate = next((batch[key] for key in INDEX_KEYS if key in batch), None)
+    elif isinstance(batch, Sequence) and not isinstance(batch, str | bytes) and len(batch) >= 3:
+        candidate = batch[2]
+    else:
+        candidate = None
+    if isinstance(candidate, Tensor) and candidate.dim() == 1 and not candidate.is_floating_point():
+        return candidate
+    return None
 
 
 def _first_tensor(batch: Any) -> Tensor | None:

@@ -1,0 +1,81 @@
+"""Stale scores: per-example scores kept by example index and reused for a number of epochs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_sbp.selectors.base import Scores
+
+__all__ = ["ScoreCache"]
+
+_FIELDS = ("losses", "logits", "logit_grads", "features")
+
+
+class ScoreCache:
+    """Scores of every example of a dataset, with the epoch that computed them.
+
+    A score computed in epoch ``t`` is fresh through epoch ``t + stale_epochs``. Tensors are
+    allocated on the device of the first scores stored and hold one row per example, so the
+    cache never outgrows the dataset.
+
+    Args:
+        size: number of examples in the training set; indices are in ``[0, size)``.
+        stale_epochs: how many epochs after the one that computed it a score is reused.
+    """
+
+    def __init__(self, size: int, stale_epochs: int) -> None:
+        if size < 1:
+            raise ValueError(f"size must be positive, got {size}")
+        if stale_epochs < 1:
+            raise ValueError(f"stale_epochs must be positive, got {stale_epochs}")
+        self.size = size
+        self.stale_epochs = stale_epochs
+        self.tensors: dict[str, Tensor] = {}
+        self.bias = True
+
+    def lookup(self, indices: Tensor, epoch: int) -> Scores | None:
+        """The cached scores of ``indices`` if every one of them is fresh in ``epoch``, else ``None``.
+
+        Deciding whether the forward pass can be skipped reads one flag on the host: the only
+        synchronisation stale scores add, paid on the steps that save a forward pass.
+        """
+        scored = self.tensors.get("scored_epoch")
+        if scored is None:
+            return None
+        if scored.device != indices.device:
+            self.tensors = {name: tensor.to(indices.device) for name, tensor in self.tensors.items()}
+            scored = self.tensors["scored_epoch"]
+        age = epoch - scored[indices]
+        if not bool(((age >= 0) & (age <= self.stale_epochs)).all()):
+            return None
+        rows = {name: self.tensors[name][indices] for name in _FIELDS if name in self.tensors}
+        return Scores(bias=self.bias, **rows)
+
+    def store(self, indices: Tensor, scores: Scores, epoch: int) -> None:
+        """Remember ``scores`` for the examples ``indices``, computed in ``epoch``."""
+        self.bias = scores.bias
+        values = {name: getattr(scores, name) for name in _FIELDS if getattr(scores, name) is not None}
+        if "scored_epoch" not in self.tensors or any(name not in self.tensors for name in values):
+            self._allocate(values, indices.device)
+        for name, value in values.items():
+            self.tensors[name][indices] = value.to(self.tensors[name].dtype)
+        self.tensors["scored_epoch"][indices] = epoch
+
+    def _allocate(self, values: dict[str, Tensor], device: torch.device) -> None:
+        self.tensors = {
+            name: torch.zeros((self.size, *value.shape[1:]), dtype=torch.float32, device=device)
+            for name, value in values.items()
+        }
+        self.tensors["scored_epoch"] = torch.full((self.size,), -(2**31), dtype=torch.long, device=device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cached tensors on the CPU."""
+        return {"bias": self.bias, "tensors": {name: tensor.cpu() for name, tensor in self.tensors.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; tensors move to the data's device at the next lookup."""
+        self.bias = bool(state.get("bias", True))
+        self.tensors = dict(state.get("tensors", {}))

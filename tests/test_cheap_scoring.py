@@ -1,0 +1,109 @@
+"""score_precision, score_scale and stale_epochs: each takes effect, and the subset pass is unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import Indexed, PlainClassifier, SmallCNN, blobs, loader, trainer
+from torch.utils.data import TensorDataset
+
+from lightning_sbp import SelectiveBackprop
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("16", torch.float16)])
+def test_score_precision_sets_the_scoring_dtype_only(precision: str, dtype: torch.dtype) -> None:
+    model = SmallCNN()
+    sbp = SelectiveBackprop("topk", keep=0.5, score_precision=precision, track_grad_error=False)
+    trainer(callbacks=[sbp], max_steps=2).fit(model, loader(blobs(64), 16))
+    assert model.scoring_dtypes == [dtype, dtype]
+    assert model.graph_sizes == [8, 8]
+    assert model.head.weight.dtype == torch.float32
+
+
+def test_score_scale_downscales_what_the_scoring_pass_sees_only() -> None:
+    model = SmallCNN()
+    sbp = SelectiveBackprop("topk", keep=0.5, score_scale=0.5, track_grad_error=False)
+    trainer(callbacks=[sbp], max_steps=2).fit(model, loader(blobs(64, size=8), 16))
+    assert model.scoring_shapes == [(16, 1, 4, 4)] * 2
+    assert model.graph_sizes == [8, 8]
+
+
+def test_cheap_scores_are_measured_against_the_true_full_batch() -> None:
+    model = SmallCNN()
+    sbp = SelectiveBackprop("topk", keep=0.5, score_scale=0.5, score_precision="bf16")
+    t = trainer(callbacks=[sbp], max_steps=1)
+    t.fit(model, loader(blobs(16, size=8), 16))
+    assert model.scoring_shapes == [(16, 1, 4, 4), (16, 1, 8, 8)]
+    assert model.scoring_dtypes == [torch.bfloat16, torch.float32]
+    assert "sbp/grad_error_step" in t.callback_metrics
+
+
+def test_score_scale_on_inputs_without_spatial_dimensions_names_their_shape() -> None:
+    data = TensorDataset(torch.randn(32, 16), torch.randint(3, (32,)))
+    with pytest.raises(ValueError, match=r"shape \(16, 16\)"):
+        trainer(callbacks=[SelectiveBackprop("random", keep=0.5, score_scale=0.5)]).fit(
+            PlainClassifier(), loader(data, 16)
+        )
+
+
+def test_stale_scores_skip_the_scoring_pass_while_fresh() -> None:
+    model = SmallCNN(dropout=0.0)
+    sbp = SelectiveBackprop("topk", keep=0.25, stale_epochs=1, track_grad_error=False)
+    trainer(callbacks=[sbp], max_epochs=4).fit(model, loader(Indexed(blobs(64)), 16, shuffle=True))
+    # epochs 0 and 2 score their 4 batches; epochs 1 and 3 reuse the scores
+    assert len(model.scoring_shapes) == 8
+    assert model.graph_sizes == [4] * 16
+    cache = sbp.score_cache
+    assert cache is not None and cache.tensors["losses"].shape == (64,)
+    assert cache.tensors["scored_epoch"].tolist() == [2] * 64
+
+
+def test_stale_scores_select_from_the_cached_losses() -> None:
+    selections: list[list[int]] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            selections.append(sorted(sbp.last_selection.indices.tolist()))
+
+    sbp = SelectiveBackprop("topk", keep=0.25, stale_epochs=1, track_grad_error=False)
+    trainer(callbacks=[sbp, Record()], max_epochs=2).fit(SmallCNN(lr=0.0, dropout=0.0), loader(Indexed(blobs(32)), 16))
+    # with lr=0 and no shuffling, the reused scores pick exactly what fresh scores picked
+    assert selections[2:] == selections[:2]
+
+
+def test_stale_scores_need_indexed_batches_and_refuse_at_setup() -> None:
+    with pytest.raises(ValueError, match="dataset index"):
+        trainer(callbacks=[SelectiveBackprop("topk", stale_epochs=1)]).fit(SmallCNN(), loader(blobs(32), 16))
+
+
+def test_score_cache_is_part_of_the_checkpoint(tmp_path: Path) -> None:
+    sbp = SelectiveBackprop("topk", keep=0.25, stale_epochs=2, track_grad_error=False)
+    t = trainer(callbacks=[sbp], max_epochs=1)
+    t.fit(SmallCNN(), loader(Indexed(blobs(32)), 16))
+    t.save_checkpoint(tmp_path / "one.ckpt")
+    resumed_model = SmallCNN()
+    resumed = SelectiveBackprop("topk", keep=0.25, stale_epochs=2, track_grad_error=False)
+    trainer(callbacks=[resumed], max_epochs=2).fit(
+        resumed_model, loader(Indexed(blobs(32)), 16), ckpt_path=str(tmp_path / "one.ckpt")
+    )
+    assert resumed_model.scoring_shapes == [], "epoch 1 reuses the scores restored from epoch 0"
+    assert resumed_model.graph_sizes == [4, 4]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"score_precision": "fp8"}, "'same', 'bf16', '16'"),
+        ({"score_scale": 0.0}, r"\(0, 1\]"),
+        ({"score_scale": 2}, r"\(0, 1\]"),
+        ({"stale_epochs": -1}, "positive integer"),
+        ({"stale_epochs": 1.5}, "positive integer"),
+    ],
+)
+def test_bad_cheap_scoring_arguments(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SelectiveBackprop(**kwargs)

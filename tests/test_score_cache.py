@@ -1,0 +1,31 @@
+import torch
+
+from lightning_sbp.score_cache import ScoreCache
+from lightning_sbp.selectors import Scores
+
+
+def scores(values: list[float]) -> Scores:
+    losses = torch.tensor(values)
+    return Scores(losses=losses, features=losses[:, None].repeat(1, 3), logit_grads=-losses[:, None], bias=False)
+
+
+def test_scores_are_fresh_for_stale_epochs_after_the_epoch_that_computed_them() -> None:
+    cache = ScoreCache(size=10, stale_epochs=2)
+    indices = torch.tensor([7, 2, 5])
+    assert cache.lookup(indices, epoch=0) is None
+    cache.store(indices, scores([1.0, 2.0, 3.0]), epoch=0)
+    for epoch in (0, 1, 2):
+        hit = cache.lookup(torch.tensor([5, 7]), epoch)
+        assert hit is not None and hit.losses.tolist() == [3.0, 1.0]
+        assert hit.features is not None and hit.features.shape == (2, 3) and hit.bias is False
+    assert cache.lookup(torch.tensor([5, 7]), epoch=3) is None
+    assert cache.lookup(torch.tensor([5, 6]), epoch=1) is None, "one unscored example makes the batch miss"
+
+
+def test_cache_state_round_trips() -> None:
+    cache = ScoreCache(size=4, stale_epochs=1)
+    cache.store(torch.tensor([0, 3]), scores([0.5, 1.5]), epoch=4)
+    restored = ScoreCache(size=4, stale_epochs=1)
+    restored.load_state_dict(cache.state_dict())
+    hit = restored.lookup(torch.tensor([3, 0]), epoch=5)
+    assert hit is not None and hit.losses.tolist() == [1.5, 0.5]
