@@ -1,12 +1,18 @@
 """Time of a Selective Backprop step against a full step and against the ideal, in one run.
 
-ResNet-18 with the CIFAR stem on random 3×32×32 batches, on the CPU by default. Every
+ResNet-18 with the CIFAR stem on random 3×32×32 batches of 128, on the CPU by default. Every
 configuration trains through a real ``Trainer`` on the same model; configurations are
 interleaved round by round and each row reports the median step time.
 
 The ideal speedup of a configuration is ``T_full(N) / (T_no_grad_forward(N) + T_full(k))``:
-the unavoidable work of scoring every example and then training on ``k`` of them, measured in the
-same run. ``ratio`` is the achieved speedup over the ideal one.
+the unavoidable work of scoring every example at full precision and then training on ``k`` of
+them, measured in the same run. ``ratio`` is the achieved speedup over the ideal one; a cheaper
+scoring pass (bf16, downscaled inputs, stale scores) can take it above 1.
+
+The ``peer`` row trains the same model with the loss-based selection that Composer documents for
+its ``select_using_loss``: a forward over the whole batch without a graph in train mode, loss
+percentiles raised to ``1/keep - 1``, ``k`` indices drawn on the host with NumPy, then a training
+step on the kept rows. It does the scoring work of the ``loss`` rows.
 
 Run ``python benchmarks/step_time.py`` (``--help`` for options).
 """
@@ -18,11 +24,14 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_sbp import SelectiveBackprop, available_selectors
@@ -31,75 +40,128 @@ from lightning_sbp.recipes import ImageClassifier
 from lightning_sbp.scoring import has_batch_norm, scoring_mode
 
 
-class RandomBatches(Dataset):
-    """Ready-made batches of random images, so that no data loading is timed."""
+class RandomImages(Dataset):
+    """Random images that carry their index, as the recipes' datasets do."""
 
-    def __init__(self, batch_size: int, image_size: int, channels: int, classes: int, count: int) -> None:
+    def __init__(self, count: int, image_size: int, classes: int) -> None:
         generator = torch.Generator().manual_seed(0)
-        self.batches = [
-            (
-                torch.randn(batch_size, channels, image_size, image_size, generator=generator),
-                torch.randint(classes, (batch_size,), generator=generator),
-            )
-            for _ in range(count)
-        ]
+        self.images = torch.randn(count, 3, image_size, image_size, generator=generator)
+        self.targets = torch.randint(classes, (count,), generator=generator)
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.targets)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.batches[index]
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+        return self.images[index], self.targets[index], index
+
+
+class PeerLossSelection(ImageClassifier):
+    """The loss-based selection step as Composer documents it, written out for comparison."""
+
+    def __init__(self, keep: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.keep = keep
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, targets = batch[0], batch[1]
+        size = images.shape[0]
+        with torch.no_grad():
+            losses = F.cross_entropy(self(images), targets, reduction="none")
+            order = torch.argsort(losses)
+            percentiles = np.arange(0.5, size, 1) / size
+            probabilities = percentiles ** (1.0 / self.keep - 1.0)
+            chosen = np.random.choice(size, int(self.keep * size), replace=False, p=probabilities / probabilities.sum())
+            kept = order[chosen]
+        loss = F.cross_entropy(self(images[kept]), targets[kept])
+        self.log("train/loss", loss)
+        return loss
 
 
 class StepTimer(pl.Callback):
     """Wall-clock time of each training batch, from batch start to the end of the optimiser step."""
 
-    def __init__(self) -> None:
+    def __init__(self, first_epoch: int) -> None:
+        self.first_epoch = first_epoch
         self.times: list[float] = []
         self._started = 0.0
 
     def on_train_batch_start(self, *args: Any) -> None:
         self._started = time.perf_counter()
 
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.times.append(time.perf_counter() - self._started)
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.current_epoch >= self.first_epoch:
+            self.times.append(time.perf_counter() - self._started)
 
 
 @dataclass
 class Row:
-    """One configuration: a label, the batch size it trains on and the callback it adds."""
+    """One configuration: what it trains on, with which callback, and which of its steps are timed."""
 
     label: str
     batch_size: int
     keep: float | None = None
     callback: Callable[[], pl.Callback] | None = None
+    model: str = "shared"
+    epochs: int = 1
+    timed_from_epoch: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
-def time_fit(model: pl.LightningModule, row: Row, data: dict[int, RandomBatches], steps: int) -> list[float]:
-    """Per-step times of ``steps`` steps, the first (warm-up) dropped."""
-    timer = StepTimer()
-    callbacks = [timer] + ([row.callback()] if row.callback else [])
+def sbp(selector: str, keep: float, **options: Any) -> Callable[[], pl.Callback]:
+    """A factory of the callback, so that every fit gets a fresh one."""
+    return lambda: SelectiveBackprop(selector, keep=keep, **options)
+
+
+def build_rows(batch: int, keeps: list[float], selectors: list[str], minimum: int, extras: bool) -> list[Row]:
+    """The full steps, one row per selector and keep with tracking off and on, and the cheaper scoring rows."""
+    rows = [Row("full", batch)]
+    rows += [Row(f"full k={k}", k) for k in sorted({subset_size(keep, batch, minimum) for keep in keeps})]
+    for keep in keeps:
+        for name in selectors:
+            rows.append(Row(f"{name} keep={keep}", batch, keep, sbp(name, keep, track_grad_error=False)))
+            rows.append(Row(f"{name} keep={keep} +grad_error", batch, keep, sbp(name, keep)))
+    if extras:
+        keep = min(keeps)
+        quiet = {"track_grad_error": False}
+        rows += [
+            Row(f"loss keep={keep} score bf16", batch, keep, sbp("loss", keep, score_precision="bf16", **quiet)),
+            Row(f"loss keep={keep} score_scale 0.5", batch, keep, sbp("loss", keep, score_scale=0.5, **quiet)),
+            Row(
+                f"loss keep={keep} stale scores (cache hits)",
+                batch,
+                keep,
+                sbp("loss", keep, stale_epochs=1, **quiet),
+                epochs=2,
+                timed_from_epoch=1,
+            ),
+            Row(f"peer loss selection keep={keep}", batch, keep, model="peer"),
+        ]
+    return rows
+
+
+def time_fit(model: pl.LightningModule, row: Row, data: DataLoader) -> list[float]:
+    """Per-step times of the row's timed epochs, the first step of each fit (warm-up) dropped."""
+    timer = StepTimer(row.timed_from_epoch)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
-        max_steps=steps,
+        max_epochs=row.epochs,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=callbacks,
+        callbacks=[timer] + ([row.callback()] if row.callback else []),
         num_sanity_val_steps=0,
     )
-    trainer.fit(model, DataLoader(data[row.batch_size], batch_size=None, shuffle=False))
+    trainer.fit(model, data)
     return timer.times[1:]
 
 
-def time_no_grad_forward(model: pl.LightningModule, batches: RandomBatches, steps: int) -> list[float]:
+def time_no_grad_forward(model: pl.LightningModule, data: DataLoader) -> list[float]:
     """Times of the scoring forward alone: train mode, no graph, running statistics frozen."""
     model.train()
     times = []
-    for index in range(steps):
-        images, _ = batches[index % len(batches)]
+    for images, _, _ in data:
         started = time.perf_counter()
         with scoring_mode(model, "train"):
             model(images)
@@ -107,66 +169,65 @@ def time_no_grad_forward(model: pl.LightningModule, batches: RandomBatches, step
     return times[1:]
 
 
-def build_rows(batch: int, keeps: list[float], selectors: list[str], minimum: int) -> tuple[list[Row], dict[float, int]]:
-    """The full step, the full steps on k examples, and one row per selector, keep and tracking switch."""
-    rows = [Row("full", batch)]
-    sizes = {keep: subset_size(keep, batch, minimum) for keep in keeps}
-    rows += [Row(f"full k={k}", k) for k in sorted(set(sizes.values()))]
-    for keep in keeps:
-        for name in selectors:
-            for tracking in (False, True):
-
-                def make(name: str = name, keep: float = keep, tracking: bool = tracking) -> pl.Callback:
-                    return SelectiveBackprop(name, keep=keep, track_grad_error=tracking)
-
-                label = f"{name} keep={keep}" + (" +grad_error" if tracking else "")
-                rows.append(Row(label, batch, keep, make))
-    return rows, sizes
-
-
 def main(argv: list[str] | None = None) -> None:
-    """Run the benchmark and print a Markdown table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Run the benchmark and print Markdown tables."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--selectors", nargs="+", default=available_selectors())
-    parser.add_argument("--steps", type=int, default=4, help="steps per configuration and round (first is warm-up)")
+    parser.add_argument("--steps", type=int, default=4, help="steps per configuration, epoch and round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-extras", action="store_true", help="skip the cheaper-scoring and peer rows")
     args = parser.parse_args(argv)
 
     pl.seed_everything(0, verbose=False)
-    model = ImageClassifier(backbone=args.backbone, num_classes=10, schedule="constant", lr=0.01)
-    rows, sizes = build_rows(args.batch_size, args.keeps, args.selectors, 2 if has_batch_norm(model) else 1)
-    data = {
-        size: RandomBatches(size, args.image_size, 3, 10, count=args.steps)
-        for size in {row.batch_size for row in rows}
-    }
+    options = {"backbone": args.backbone, "num_classes": 10, "schedule": "constant", "lr": 0.01}
+    models: dict[str, pl.LightningModule] = {"shared": ImageClassifier(**options)}
+    rows = build_rows(
+        args.batch_size, args.keeps, args.selectors, 2 if has_batch_norm(models["shared"]) else 1, not args.no_extras
+    )
+    models["peer"] = PeerLossSelection(min(args.keeps), **options)
+    models["peer"].load_state_dict(models["shared"].state_dict())
+    images = RandomImages(args.batch_size * args.steps, args.image_size, 10)
+    loaders = {size: DataLoader(images, batch_size=size) for size in {row.batch_size for row in rows}}
+    # full steps on k examples run as many steps as the others
+    for row in rows:
+        if row.keep is None and row.batch_size != args.batch_size:
+            loaders[row.batch_size] = DataLoader(
+                torch.utils.data.Subset(images, range(row.batch_size * args.steps)), batch_size=row.batch_size
+            )
+
+    time_fit(models["shared"], rows[0], loaders[args.batch_size])  # warm-up: allocator, kernels, caches
     times: dict[str, list[float]] = defaultdict(list)
     for _ in range(args.rounds):
-        times["no-grad forward"] += time_no_grad_forward(model, data[args.batch_size], args.steps)
+        times["no-grad forward"] += time_no_grad_forward(models["shared"], loaders[args.batch_size])
         for row in rows:
-            times[row.label] += time_fit(model, row, data, args.steps)
+            times[row.label] += time_fit(models[row.model], row, loaders[row.batch_size])
     median = {label: statistics.median(values) for label, values in times.items()}
 
-    full = median["full"]
-    print(f"\n{args.backbone}, batch {args.batch_size}, {torch.get_num_threads()} threads, "
-          f"median of {args.rounds * (args.steps - 1)} steps per row\n")
-    print(f"full step: {1e3 * full:.1f} ms; no-grad forward: {1e3 * median['no-grad forward']:.1f} ms\n")
+    full, forward = median["full"], median["no-grad forward"]
+    print(
+        f"\n{args.backbone}, batch {args.batch_size}, {torch.get_num_threads()} threads, CPU, "
+        f"medians over {args.rounds} rounds of {args.steps} steps\n"
+    )
+    print(f"full step {1e3 * full:.1f} ms; no-grad forward {1e3 * forward:.1f} ms\n")
     print("| configuration | step (ms) | speedup | ideal speedup | ratio |")
     print("|---|---:|---:|---:|---:|")
     for row in rows:
         if row.keep is None:
             continue
-        step = median[row.label]
-        ideal = full / (median["no-grad forward"] + median[f"full k={sizes[row.keep]}"])
-        speedup = full / step
-        print(f"| {row.label} | {1e3 * step:.1f} | {speedup:.2f}× | {ideal:.2f}× | {speedup / ideal:.2f} |")
-    print("\n| selector, keep | cost of grad-error tracking |")
+        k = subset_size(row.keep, args.batch_size, 2 if has_batch_norm(models["shared"]) else 1)
+        ideal = full / (forward + median[f"full k={k}"])
+        speedup = full / median[row.label]
+        print(
+            f"| {row.label} | {1e3 * median[row.label]:.1f} | {speedup:.2f}× | {ideal:.2f}× | {speedup / ideal:.2f} |"
+        )
+    print("\n| configuration | cost of grad-error tracking |")
     print("|---|---:|")
     for row in rows:
-        if row.keep is not None and row.label.endswith("+grad_error"):
+        if row.label.endswith(" +grad_error"):
             base = row.label.removesuffix(" +grad_error")
             print(f"| {base} | {100 * (median[row.label] / median[base] - 1):+.1f}% |")
 

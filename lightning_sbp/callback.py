@@ -18,7 +18,9 @@ from lightning.pytorch.strategies import (
     FSDPStrategy,
     ModelParallelStrategy,
     SingleDeviceStrategy,
+    SingleDeviceXLAStrategy,
     Strategy,
+    XLAStrategy,
 )
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -76,7 +78,8 @@ def check_strategy(strategy: Strategy) -> None:
             "single device and DDP ('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook'); use strategy='ddp' or drop "
             "the SelectiveBackprop callback"
         )
-    if not isinstance(strategy, SingleDeviceStrategy | DDPStrategy):
+    tested = isinstance(strategy, SingleDeviceStrategy | DDPStrategy)
+    if not tested or isinstance(strategy, XLAStrategy | SingleDeviceXLAStrategy):
         rank_zero_warn(
             f"SelectiveBackprop is tested on a single device and with DDP, not with {type(strategy).__name__}"
         )
@@ -389,7 +392,7 @@ class SelectiveBackprop(Callback):
     def _make_score_cache(self, trainer: pl.Trainer) -> ScoreCache:
         dataset = training_dataset(trainer)
         example = dataset[0] if dataset is not None else None
-        if dataset is None or example_indices(default_collate([example])) is None:
+        if dataset is None or self.example_indices(default_collate([example])) is None:
             raise ValueError(
                 "stale_epochs needs training batches that carry each example's dataset index, as "
                 "(inputs, targets, indices) tuples or dicts with an 'index' key, to cache scores by example; "
@@ -438,7 +441,9 @@ class SelectiveBackprop(Callback):
         # Under DDP a rank whose batch is too small to select from still scores and trains on all of it, so that
         # every rank runs the same forward passes (and the collectives in them, as in SyncBatchNorm).
         if not self.is_selective_step(trainer.global_step) or (k >= size and trainer.world_size == 1):
-            self._account(pl_module, size, size, active=False)
+            self._account(size, size)
+            if self._should_log(trainer):
+                self._log_step(pl_module, {"sbp/active": 0.0, "sbp/k": float(size)}, size)
             return original(*args, **kwargs)
 
         started = time.perf_counter()
@@ -449,26 +454,44 @@ class SelectiveBackprop(Callback):
         self.last_selection = selection
 
         subset = self.index_batch(batch, selection.indices)
-        # k >= size happens only under DDP, on a rank whose batch is too small to select from: nothing to measure.
-        if self._metrics is not None and k < size:
+        values: dict[str, Any] = {}
+        if self._metrics is not None:
             # Selection quality is measured against the full batch as the trainer would score it.
             true_scores = self._score(pl_module, batch) if cheap else scores
-            self._log_grad_errors(pl_module, batch, subset, true_scores, selection, k)
+            values.update(self._grad_errors(pl_module, batch, subset, true_scores, selection, k))
         rest = args[1:] if args else ()
         call_args = (subset, *rest) if args else ()
         call_kwargs = kwargs if args else {**kwargs, "batch": subset}
         output = self._subset_step(pl_module, original, selection, call_args, call_kwargs)
 
         self._track_nonfinite(scores.losses)
-        finite = torch.isfinite(scores.losses)
-        log = functools.partial(pl_module.log, on_step=True, on_epoch=False, batch_size=size)
-        log("sbp/full_loss", scores.losses.where(finite, torch.nan).nanmean())
-        log("sbp/selected_loss", scores.losses[selection.indices].where(finite[selection.indices], torch.nan).nanmean())
-        log("sbp/score_ms", 1e3 * (scored - started))
-        log("sbp/select_ms", 1e3 * (selected - scored))
-        self._account(pl_module, size, k, active=True)
+        self._account(size, k)
         self.selective_steps += 1
+        if self._should_log(trainer):
+            finite = torch.isfinite(scores.losses)
+            kept = finite[selection.indices]
+            values.update(
+                {
+                    "sbp/active": 1.0,
+                    "sbp/k": float(k),
+                    "sbp/full_loss": scores.losses.where(finite, torch.nan).nanmean(),
+                    "sbp/selected_loss": scores.losses[selection.indices].where(kept, torch.nan).nanmean(),
+                    "sbp/score_ms": 1e3 * (scored - started),
+                    "sbp/select_ms": 1e3 * (selected - scored),
+                }
+            )
+            self._log_step(pl_module, values, size)
         return output
+
+    @staticmethod
+    def _should_log(trainer: pl.Trainer) -> bool:
+        """Whether the loggers write this step: step values logged on other steps would only be overwritten."""
+        connector = getattr(trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
+
+    def _log_step(self, pl_module: pl.LightningModule, values: dict[str, Any], size: int) -> None:
+        values["sbp/backprop_fraction"] = self.examples_backpropagated / self.examples_seen
+        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=size)
 
     def _subset_step(
         self,
@@ -509,6 +532,10 @@ class SelectiveBackprop(Callback):
             if indices is None:
                 raise ValueError("stale_epochs needs batches that carry example indices; this batch has none")
             cached = cache.lookup(indices, epoch)
+            # Every rank skips the scoring forward or none does, so collectives inside it (SyncBatchNorm) stay paired.
+            if pl_module.trainer.world_size > 1:
+                hit = pl_module.trainer.strategy.reduce_boolean_decision(cached is not None, all=True)
+                cached = cached if hit else None
             if cached is not None:
                 return cached, True
         scaled = self.scale_inputs(batch, self.score_scale) if self.score_scale < 1.0 else batch
@@ -536,18 +563,21 @@ class SelectiveBackprop(Callback):
             losses=losses, logits=logits.detach(), logit_grads=logit_grads, features=features.float(), bias=bias
         )
 
-    def _log_grad_errors(
+    def _grad_errors(
         self, pl_module: pl.LightningModule, batch: Any, subset: Any, scores: Scores, selection: Selection, k: int
-    ) -> None:
+    ) -> dict[str, Tensor]:
+        """Update the gradient-error metrics with this batch; their batch values, to log with the step's."""
         metrics = self._metrics
         assert metrics is not None
-        error = metrics.proxy(scores.gram, selection.indices, selection.weights)
-        random_error = metrics.random(scores.gram, k)
-        values = {
-            "grad_error": error,
-            "grad_error_random": random_error,
-            "grad_error_ratio": metrics.ratio(error, random_error),
-        }
+        values: dict[str, Tensor] = {}
+        # k = N happens only under DDP, on a rank whose batch is too small to select from: a whole batch matches
+        # itself, and its 0/0 ratio would poison the epoch mean.
+        if k < scores.size:
+            error = metrics.proxy(scores.gram, selection.indices, selection.weights)
+            random_error = metrics.random(scores.gram, k)
+            values["grad_error"] = error
+            values["grad_error_random"] = random_error
+            values["grad_error_ratio"] = metrics.ratio(error, random_error)
         every = self.exact_grad_error_every
         if every and self.selective_steps % every == 0:
             forward, loss_fn = self._forward_and_loss(pl_module)
@@ -555,11 +585,11 @@ class SelectiveBackprop(Callback):
                 pl_module, forward, loss_fn, batch, subset, selection.weights
             )
             values["grad_error_exact"] = metrics.exact(approximation, reference)
-        for name, value in values.items():
-            # Step values are this batch's; epoch values are the metric's mean over the epoch, synced across ranks.
-            pl_module.log(f"sbp/{name}_step", value, on_step=True, on_epoch=False, batch_size=scores.size)
+        for name in values:
+            # Epoch values are each metric's mean over the epoch, synced across ranks at its end.
             metric = getattr(metrics, METRIC_OF[name])
             pl_module.log(f"sbp/{name}_epoch", metric, on_step=False, on_epoch=True, metric_attribute=f"sbp_{name}")
+        return {f"sbp/{name}_step": value for name, value in values.items()}
 
     @torch.compiler.disable
     def _select(self, trainer: pl.Trainer, scores: Scores, k: int) -> Selection:
@@ -573,13 +603,9 @@ class SelectiveBackprop(Callback):
         seed = mix_seed(self.seed, trainer.global_rank, trainer.global_step, batch_in_epoch)
         return torch.Generator(device=device).manual_seed(seed)
 
-    def _account(self, pl_module: pl.LightningModule, seen: int, backpropagated: int, *, active: bool) -> None:
+    def _account(self, seen: int, backpropagated: int) -> None:
         self.examples_seen += seen
         self.examples_backpropagated += backpropagated
-        log = functools.partial(pl_module.log, on_step=True, on_epoch=False, batch_size=seen)
-        log("sbp/active", float(active))
-        log("sbp/k", float(backpropagated))
-        log("sbp/backprop_fraction", self.examples_backpropagated / self.examples_seen)
 
     def _track_nonfinite(self, losses: Tensor) -> None:
         flag = ~torch.isfinite(losses).all()

@@ -286,3 +286,16 @@ def test_features_are_not_captured_when_nothing_needs_them() -> None:
     sbp = SelectiveBackprop(Spy(), keep=0.5, track_grad_error=False)
     trainer(callbacks=[sbp], max_steps=1).fit(SmallCNN(), loader(blobs(32), 16))
     assert captured[0].features is None and captured[0].logit_grads is None
+
+
+def test_step_values_are_logged_on_the_steps_the_loggers_write(tmp_path: Path) -> None:
+    csv = CSVLogger(tmp_path)
+    trainer(callbacks=[SelectiveBackprop("random", keep=0.5)], logger=csv, log_every_n_steps=3, max_steps=9).fit(
+        SmallCNN(), loader(blobs(256), 16)
+    )
+    lines = (Path(csv.log_dir) / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [dict(zip(header, line.split(","), strict=True)) for line in lines[1:]]
+    assert [int(r["step"]) for r in rows if r["sbp/k"]] == [2, 5, 8]
+    assert [float(r["sbp/backprop_fraction"]) for r in rows if r["sbp/k"]] == [0.5] * 3
+

@@ -35,7 +35,7 @@ def test_score_scale_downscales_what_the_scoring_pass_sees_only() -> None:
 def test_cheap_scores_are_measured_against_the_true_full_batch() -> None:
     model = SmallCNN()
     sbp = SelectiveBackprop("topk", keep=0.5, score_scale=0.5, score_precision="bf16")
-    t = trainer(callbacks=[sbp], max_steps=1)
+    t = trainer(callbacks=[sbp], max_steps=1, log_every_n_steps=1)
     t.fit(model, loader(blobs(16, size=8), 16))
     assert model.scoring_shapes == [(16, 1, 4, 4), (16, 1, 8, 8)]
     assert model.scoring_dtypes == [torch.bfloat16, torch.float32]

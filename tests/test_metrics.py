@@ -1,13 +1,12 @@
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from ddp_models import START_METHOD, random_gram, reduce_worker
 from helpers import SmallCNN, blobs, loader, trainer
 from lightning.pytorch.loggers import CSVLogger
 
@@ -21,11 +20,6 @@ from lightning_sbp.metrics import (
     RandomSubsetGradientError,
     relative_gradient_error,
 )
-
-
-def random_gram(n: int, seed: int) -> torch.Tensor:
-    g = torch.randn(n, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return g @ g.T
 
 
 def test_metrics_average_their_per_batch_functional_values() -> None:
@@ -47,7 +41,9 @@ def test_metrics_average_their_per_batch_functional_values() -> None:
 def test_relative_gradient_error_treats_parameters_as_one_vector() -> None:
     reference = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0]])]
     approximation = [torch.tensor([3.0, 1.0]), torch.tensor([[4.0]])]
-    torch.testing.assert_close(relative_gradient_error(approximation, reference), torch.tensor(0.2, dtype=torch.float64))
+    torch.testing.assert_close(
+        relative_gradient_error(approximation, reference), torch.tensor(0.2, dtype=torch.float64)
+    )
     zero = [torch.zeros(2)]
     assert relative_gradient_error(zero, zero).item() == 0.0
     metric = ExactGradientError()
@@ -56,28 +52,23 @@ def test_relative_gradient_error_treats_parameters_as_one_vector() -> None:
     torch.testing.assert_close(metric.compute(), torch.tensor(0.1, dtype=torch.float64))
 
 
-def _reduce_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    metric = GradientApproximationError()
-    # rank 0 sees two batches, rank 1 one: the epoch value is the mean over all three
-    for seed in ([0, 1] if rank == 0 else [2]):
-        metric.update(random_gram(6, seed), torch.tensor([1, 2]), torch.ones(2, dtype=torch.float64))
-    value = metric.compute()
-    torch.save(value, Path(out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
-
-
 def test_metric_reduces_across_two_processes(tmp_path: Path) -> None:
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_reduce_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    expected = torch.stack(
-        [subset_gradient_error(random_gram(6, s), torch.tensor([1, 2]), torch.ones(2, dtype=torch.float64)) for s in range(3)]
-    ).double().mean()
+    mp.start_processes(reduce_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method=START_METHOD)
+    expected = (
+        torch.stack(
+            [
+                subset_gradient_error(random_gram(6, s), torch.tensor([1, 2]), torch.ones(2, dtype=torch.float64))
+                for s in range(3)
+            ]
+        )
+        .double()
+        .mean()
+    )
     for rank in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), expected)
 
@@ -137,15 +128,20 @@ def test_callback_logs_step_and_epoch_errors_and_the_exact_error(tmp_path: Path)
 
 def test_tracking_can_be_switched_off() -> None:
     sbp = SelectiveBackprop("random", keep=0.5, track_grad_error=False)
-    t = trainer(callbacks=[sbp], max_steps=2)
+    t = trainer(callbacks=[sbp], max_steps=2, log_every_n_steps=1)
     t.fit(SmallCNN(), loader(blobs(64), 16))
     assert not any(key.startswith("sbp/grad_error") for key in t.callback_metrics)
     assert "sbp/k" in t.callback_metrics
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [({"track_grad_error": 1}, "True or False"),
-                                                 ({"exact_grad_error_every": -1}, "positive integer"),
-                                                 ({"exact_grad_error_every": 1.5}, "positive integer")])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"track_grad_error": 1}, "True or False"),
+        ({"exact_grad_error_every": -1}, "positive integer"),
+        ({"exact_grad_error_every": 1.5}, "positive integer"),
+    ],
+)
 def test_bad_tracking_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SelectiveBackprop(**kwargs)

@@ -3,13 +3,16 @@
 Nothing here knows Lightning; every function runs on the device of its inputs.
 """
 
-from lightning_sbp.functional.batch import batch_size, index_batch, subset_size
+from lightning_sbp.functional.batch import batch_size, example_indices, index_batch, subset_size
 from lightning_sbp.functional.grad_error import random_subset_gradient_error, subset_gradient_error
 from lightning_sbp.functional.gram import gradient_gram, gradient_norm_bound, last_layer_gram, logit_gradients
 from lightning_sbp.functional.omp import omp_gram
+from lightning_sbp.functional.resize import downscale
 
 __all__ = [
     "batch_size",
+    "downscale",
+    "example_indices",
     "gradient_gram",
     "gradient_norm_bound",
     "index_batch",

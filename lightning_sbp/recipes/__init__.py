@@ -1,0 +1,44 @@
+"""Ready LightningModules and DataModules for the settings of the Selective Backprop comparison.
+
+Models: :class:`ImageClassifier` (ResNet-18 with the CIFAR stem, wide ResNets, small networks for
+the digits) and :class:`TextClassifier` (a transformers sequence classifier). Data: CIFAR-10/100,
+SVHN, image folders (downsampled ImageNet), text classification, and the scikit-learn digits that
+need no download. Every DataModule flips a seeded fraction ``label_noise`` of its training labels
+and serves ``(input, target, index)`` items (text: dicts with ``labels`` and ``index``).
+
+torchvision, transformers and scikit-learn are imported only by the classes that need them.
+"""
+
+from lightning_sbp.recipes.backbones import available_backbones, build_backbone
+from lightning_sbp.recipes.data import ClassificationDataModule, DatasetNotFoundError, IndexedDataset
+from lightning_sbp.recipes.digits import DigitsDataModule
+from lightning_sbp.recipes.image import ImageClassifier
+from lightning_sbp.recipes.label_noise import NoisyLabels, flip_labels
+from lightning_sbp.recipes.text import TextClassifier
+from lightning_sbp.recipes.text_data import TextClassificationDataModule
+from lightning_sbp.recipes.vision import (
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    ImageFolderDataModule,
+    SVHNDataModule,
+    TorchvisionDataModule,
+)
+
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "ClassificationDataModule",
+    "DatasetNotFoundError",
+    "DigitsDataModule",
+    "ImageClassifier",
+    "ImageFolderDataModule",
+    "IndexedDataset",
+    "NoisyLabels",
+    "SVHNDataModule",
+    "TextClassificationDataModule",
+    "TextClassifier",
+    "TorchvisionDataModule",
+    "available_backbones",
+    "build_backbone",
+    "flip_labels",
+]

@@ -1,0 +1,158 @@
+"""A transformers sequence classifier (BERT and friends) trained with AdamW, ready for Selective Backprop."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_sbp.mixin import SelectiveBackpropMixin, unwrap_logits
+
+__all__ = ["TextClassifier"]
+
+_NOT_MODEL_INPUTS = ("labels", "index")
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as err:
+        raise ImportError("TextClassifier needs transformers: pip install 'lightning-sbp[text]'") from err
+    return transformers
+
+
+class TextClassifier(SelectiveBackpropMixin, pl.LightningModule):
+    """``AutoModelForSequenceClassification`` fine-tuned with AdamW and a linear warm-up and decay.
+
+    The model is either loaded with ``from_pretrained(model_name_or_path)`` (a hub name such as
+    ``bert-base-uncased`` or a local folder; downloading needs network access on the machine that
+    runs it) or, when ``config`` is given, built with random weights from a transformers config
+    (``{"model_type": "bert", "hidden_size": 128, ...}``), which needs no files at all.
+
+    Batches are dicts with ``input_ids``, ``attention_mask`` (and any other model inputs), ``labels``
+    and optionally ``index``, as :class:`~lightning_sbp.recipes.TextClassificationDataModule` makes
+    them. Logs ``train/loss``, ``val/loss``, ``val/acc``, ``test/loss`` and ``test/acc``.
+
+    Args:
+        model_name_or_path: hub name or local path of a pretrained model; ignored when ``config`` is given.
+        num_labels: number of classes.
+        config: keyword arguments of ``transformers.AutoConfig.for_model``, ``model_type`` included,
+            to build an untrained model instead of loading one.
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay, not applied to biases and normalisation weights.
+        warmup_ratio: fraction of the training steps spent warming the learning rate up from zero;
+            it then decays linearly to zero at the last step.
+        adam_epsilon: AdamW epsilon.
+
+    Raises:
+        ValueError: when neither a model name nor a config is given, or for out-of-range values.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = "bert-base-uncased",
+        num_labels: int = 2,
+        config: dict[str, Any] | None = None,
+        lr: float = 2e-5,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.1,
+        adam_epsilon: float = 1e-8,
+    ) -> None:
+        super().__init__()
+        if num_labels < 2:
+            raise ValueError(f"num_labels must be at least 2, got {num_labels}")
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if config is None and not model_name_or_path:
+            raise ValueError(
+                "give model_name_or_path (a hub name or local folder) or config (a transformers config dict)"
+            )
+        if config is not None and "model_type" not in config:
+            raise ValueError("config needs a 'model_type' key, e.g. {'model_type': 'bert', 'hidden_size': 128}")
+        self.save_hyperparameters()
+        transformers = _transformers()
+        if config is not None:
+            settings = {key: value for key, value in config.items() if key != "model_type"}
+            model_config = transformers.AutoConfig.for_model(config["model_type"], num_labels=num_labels, **settings)
+            self.model = transformers.AutoModelForSequenceClassification.from_config(model_config)
+        else:
+            self.model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                model_name_or_path, num_labels=num_labels
+            )
+        self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
+
+    def forward(self, **inputs: Tensor) -> Tensor:
+        """Logits ``[N, num_labels]`` for the model inputs (``input_ids``, ``attention_mask``, ...)."""
+        return unwrap_logits(self.model(**inputs))
+
+    def sbp_forward(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """Logits and labels of a dict batch; ``labels`` and ``index`` are not passed to the model."""
+        if not isinstance(batch, Mapping) or "labels" not in batch:
+            raise TypeError("TextClassifier expects dict batches with a 'labels' key")
+        inputs = {key: value for key, value in batch.items() if key not in _NOT_MODEL_INPUTS}
+        return self(**inputs), batch["labels"]
+
+    def setup(self, stage: str) -> None:
+        """Check that the datamodule, if it says how many classes it has, agrees with the model."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(datamodule, "num_classes", None)
+        if isinstance(data_classes, int) and data_classes != self.hparams["num_labels"]:
+            raise ValueError(
+                f"the datamodule has {data_classes} classes but the model was built with "
+                f"num_labels={self.hparams['num_labels']}; set model num_labels to {data_classes}"
+            )
+
+    def _evaluate(self, batch: Any, prefix: str, accuracy: MulticlassAccuracy) -> None:
+        logits, targets = self.sbp_forward(batch)
+        loss = F.cross_entropy(logits.float(), targets)
+        accuracy(logits, targets)
+        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", sync_dist=True)
+        self.log(f"{prefix}/acc", accuracy, prog_bar=prefix == "val")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Log ``val/loss`` and ``val/acc``."""
+        self._evaluate(batch, "val", self.val_acc)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Log ``test/loss`` and ``test/acc``."""
+        self._evaluate(batch, "test", self.test_acc)
+
+    def configure_optimizers(self) -> Any:
+        """AdamW without decay on biases and normalisation weights, linear warm-up then linear decay per step."""
+        hp = self.hparams
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
+        for name, parameter in self.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
+        groups = [
+            {"params": decay, "weight_decay": hp["weight_decay"]},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=hp["lr"], eps=hp["adam_epsilon"])
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = round(hp["warmup_ratio"] * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _LinearWarmupDecay(warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class _LinearWarmupDecay:
+    """Learning-rate factor: linear from 0 to 1 over ``warmup`` steps, then linear to 0 at ``total``."""
+
+    def __init__(self, warmup: int, total: int) -> None:
+        self.warmup = warmup
+        self.total = total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        return max(0.0, (self.total - step) / max(1, self.total - self.warmup))

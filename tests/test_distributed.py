@@ -1,0 +1,165 @@
+"""Selective Backprop under DDP: two CPU processes, gloo, ``ddp_spawn``.
+
+Each spawned rank writes what it saw (batches, selections, gradients, parameters, metrics) into a
+directory; the tests recompute the promised quantities in the main process.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from ddp_models import DDPClassifier, Recorder, SaveAt, ddp_trainer, load_ranks, points, weighted_subset_loss
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lightning_sbp import SelectiveBackprop
+
+Records = list[dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def omp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Tensor], Records]:
+    """Two epochs of 4 selective steps per rank (k = 4 of 16, OMP weights); shared by several tests."""
+    out = tmp_path_factory.mktemp("omp_run")
+    torch.manual_seed(0)
+    model = DDPClassifier()
+    initial = copy.deepcopy(model.state_dict())
+    sbp = SelectiveBackprop("omp", keep=0.25)
+    ddp_trainer(out, callbacks=[sbp, Recorder(str(out))], max_epochs=2).fit(
+        model, DataLoader(points(128), batch_size=16)
+    )
+    return initial, load_ranks(out)
+
+
+def test_gradient_of_one_step_is_the_mean_over_ranks_of_the_weighted_subset_gradients(
+    omp_run: tuple[dict[str, Tensor], Records],
+) -> None:
+    initial, ranks = omp_run
+    firsts = [rank["steps"][0] for rank in ranks]
+    assert all(first["step"] == 0 and first["indices"] is not None for first in firsts)
+    assert all(first["indices"].shape == (4,) for first in firsts), "every rank keeps the same k"
+    assert any(not torch.allclose(first["weights"], torch.ones(4)) for first in firsts), "OMP weighs its subset"
+    model = DDPClassifier()
+    model.load_state_dict(initial)
+    model.train()
+    losses = [weighted_subset_loss(model, f["batch"], f["indices"], f["weights"]) for f in firsts]
+    names = [name for name, _ in model.named_parameters()]
+    expected = torch.autograd.grad(torch.stack(losses).mean(), [p for _, p in model.named_parameters()])
+    for first in firsts:
+        for name, grad in zip(names, expected, strict=True):
+            torch.testing.assert_close(first["grads"][name], grad)
+
+
+def test_parameters_are_identical_on_both_ranks_after_several_steps(
+    omp_run: tuple[dict[str, Tensor], Records],
+) -> None:
+    initial, ranks = omp_run
+    assert [len(rank["steps"]) for rank in ranks] == [8, 8]
+    assert all(step["indices"] is not None for rank in ranks for step in rank["steps"])
+    for name, param in ranks[0]["params"].items():
+        assert torch.equal(param, ranks[1]["params"][name]), name
+        assert not torch.equal(param, initial[name]), f"{name} did not train"
+
+
+Steps = list[list[dict[str, Any]]]
+
+
+def _mean_loss(steps: Steps) -> float:
+    # Lightning's synced epoch mean: the sum over every rank's steps of batch size x value, over the summed sizes.
+    total = sum(float(s["loss"]) * s["batch"][0].shape[0] for rank in steps for s in rank)
+    return total / sum(s["batch"][0].shape[0] for rank in steps for s in rank)
+
+
+def _kept(steps: Steps) -> float:
+    return float(sum(len(s["indices"]) for rank in steps for s in rank))
+
+
+def _batch_mean(step_key: str) -> Callable[[Steps], float]:
+    # The callback's epoch metrics: the mean, over the selective steps of every rank, of the per-step values.
+    def mean(steps: Steps) -> float:
+        values = [s["metrics"][step_key] for rank in steps for s in rank if s["indices"] is not None]
+        return sum(values) / len(values)
+
+    return mean
+
+
+# Logged epoch metric -> its recomputation from every rank's steps of the last epoch.
+EPOCH_METRICS: dict[str, Callable[[Steps], float]] = {
+    "train/loss": _mean_loss,
+    "train/kept": _kept,
+    "sbp/grad_error_epoch": _batch_mean("sbp/grad_error_step"),
+    "sbp/grad_error_random_epoch": _batch_mean("sbp/grad_error_random_step"),
+    "sbp/grad_error_ratio_epoch": _batch_mean("sbp/grad_error_ratio_step"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EPOCH_METRICS))
+def test_logged_epoch_metrics_agree_with_a_recomputation_from_both_ranks(
+    omp_run: tuple[dict[str, Tensor], Records], name: str
+) -> None:
+    _, ranks = omp_run
+    last_epoch = [[s for s in rank["steps"] if s["step"] >= 4] for rank in ranks]
+    assert [len(steps) for steps in last_epoch] == [4, 4]
+    expected = EPOCH_METRICS[name](last_epoch)
+    assert ranks[0]["metrics"][name] == pytest.approx(expected, rel=1e-6)
+    assert ranks[1]["metrics"][name] == pytest.approx(expected, rel=1e-6), "synced: the same value on every rank"
+
+
+@pytest.mark.parametrize("selector", ["random", "omp"])
+def test_uneven_last_batches_train_to_the_end(tmp_path: Path, selector: str) -> None:
+    # Rank 0 sees batches of 16, 16, 8; rank 1 of 16, 16, 1: its last batch is too small to select from.
+    torch.manual_seed(0)
+    sbp = SelectiveBackprop(selector, keep=0.5)
+    ddp_trainer(tmp_path, callbacks=[sbp, Recorder(str(tmp_path))], max_epochs=2, use_distributed_sampler=False).fit(
+        DDPClassifier(rank_sizes=(40, 33))
+    )
+    ranks = load_ranks(tmp_path)
+    sizes = [[s["batch"][0].shape[0] for s in rank["steps"]] for rank in ranks]
+    assert sizes == [[16, 16, 8] * 2, [16, 16, 1] * 2]
+    kept = [[len(s["indices"]) for s in rank["steps"]] for rank in ranks]
+    assert kept == [[8, 8, 4] * 2, [8, 8, 1] * 2]
+    for name, param in ranks[0]["params"].items():
+        assert torch.equal(param, ranks[1]["params"][name]), name
+    epoch_metrics = {key: value for key, value in ranks[0]["metrics"].items() if key.endswith("_epoch")}
+    assert "sbp/grad_error_ratio_epoch" in epoch_metrics
+    assert all(math.isfinite(value) for value in epoch_metrics.values()), epoch_metrics
+    if selector == "random":
+        # Same batch size, different rank: the per-rank generators draw different subsets.
+        pairs = zip(ranks[0]["steps"][:2], ranks[1]["steps"][:2], strict=True)
+        assert any(set(a["indices"].tolist()) != set(b["indices"].tolist()) for a, b in pairs)
+
+
+def test_resume_inside_the_window_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
+    def run(out: Path, ckpt_path: str | None) -> Records:
+        out.mkdir()
+        torch.manual_seed(0)
+        sbp = SelectiveBackprop("random", keep=0.25, start=0.1, end=0.9, seed=7)
+        callbacks = [sbp, Recorder(str(out)), SaveAt(str(tmp_path / "mid.ckpt"), step=4)]
+        ddp_trainer(out, callbacks=callbacks, max_epochs=3).fit(
+            DDPClassifier(), DataLoader(points(128), batch_size=16, shuffle=True), ckpt_path=ckpt_path
+        )
+        return load_ranks(out)
+
+    uninterrupted = run(tmp_path / "full", None)
+    resumed = run(tmp_path / "resumed", str(tmp_path / "mid.ckpt"))
+    for full, again in zip(uninterrupted, resumed, strict=True):
+        assert [s["step"] for s in again["steps"]] == list(range(4, 12))
+        for a, b in zip(full["steps"][4:], again["steps"], strict=True):
+            assert torch.equal(a["batch"][0], b["batch"][0])
+            assert (a["indices"] is None) == (b["indices"] is None)
+            if a["indices"] is not None:
+                assert torch.equal(a["indices"], b["indices"])
+        for name, param in full["params"].items():
+            torch.testing.assert_close(again["params"][name], param)
+    # window [1, 10) of 12 steps: the resumed part selects, then ends the window with full steps
+    assert [s["indices"] is not None for s in resumed[0]["steps"]] == [True] * 6 + [False] * 2
+    selective = [
+        (a, b) for a, b in zip(resumed[0]["steps"], resumed[1]["steps"], strict=True) if a["indices"] is not None
+    ]
+    assert any(not torch.equal(a["indices"], b["indices"]) for a, b in selective), "ranks draw differently"
