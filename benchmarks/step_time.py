@@ -1,6 +1,6 @@
 """Time of a Selective Backprop step against a full step and against the ideal, in one run.
 
-ResNet-18 with the CIFAR stem on random 3×32×32 batches of 128, on the CPU by default. Every
+ResNet-18 with the CIFAR stem on random 3×32×32 batches of 128, on the CPU. Every
 configuration trains through a real ``Trainer`` on the same model; configurations are
 interleaved round by round and each row reports the median step time.
 

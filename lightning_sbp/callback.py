@@ -172,10 +172,11 @@ class SelectiveBackprop(Callback):
             mixin; per-example cross-entropy when omitted.
         last_layer: qualified name of the final ``nn.Linear`` whose gradients selectors and
             metrics read; the last ``nn.Linear`` registered when omitted.
-        track_grad_error: log, on every selective step, how well the subset's last-layer gradient
-            approximates the full batch's (``sbp/grad_error``), what a random subset of the same
-            size would give (``sbp/grad_error_random``) and their ratio (``sbp/grad_error_ratio``).
-        exact_grad_error_every: every this many selective steps, also log ``sbp/grad_error_exact``,
+        track_grad_error: measure, on every selective step, how well the subset's last-layer gradient
+            approximates the full batch's (``sbp/grad_error_step`` and ``_epoch``), what a random subset
+            of the same size would give (``sbp/grad_error_random_*``) and their ratio
+            (``sbp/grad_error_ratio_*``).
+        exact_grad_error_every: every this many selective steps, also log ``sbp/grad_error_exact_*``,
             the same error over all trainable parameters from two extra backward passes; ``0`` never.
         score_precision: ``"same"`` scores under the trainer's precision; ``"bf16"`` or ``"16"``
             score under autocast to bfloat16 or float16, whatever the training precision.
