@@ -298,4 +298,3 @@ def test_step_values_are_logged_on_the_steps_the_loggers_write(tmp_path: Path) -
     rows = [dict(zip(header, line.split(","), strict=True)) for line in lines[1:]]
     assert [int(r["step"]) for r in rows if r["sbp/k"]] == [2, 5, 8]
     assert [float(r["sbp/backprop_fraction"]) for r in rows if r["sbp/k"]] == [0.5] * 3
-

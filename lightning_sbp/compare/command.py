@@ -1,0 +1,247 @@
+"""``lightning-sbp compare``: parse the grid, check everything, run what is missing, write the summary and plots."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning_sbp.compare.grid import (
+    Grid,
+    GridError,
+    available_methods,
+    base_fingerprint,
+    expand,
+    load_grid_file,
+    merge,
+    nest,
+    parse_assignment,
+)
+from lightning_sbp.compare.plots import plot_all
+from lightning_sbp.compare.report import markdown_table, select_best_lr, summarise, write_csv
+from lightning_sbp.compare.runner import check_output, check_runs, inspect_base, load_record, prepare_output, run_grid
+
+__all__ = ["build_parser", "grid_from_args", "main"]
+
+_EPILOG = """\
+Every run is a real Lightning fit built by LightningCLI from the base configuration, the grid's
+overrides and the run's settings: 'full' trains on every example with no callback; a selector
+method adds SelectiveBackprop(selector, keep, seed=<run seed>) to trainer.callbacks; 'small-batch'
+trains with batch size k = floor(keep * N) for as many optimiser steps as the selective runs (so
+with as many examples backpropagated), the reference for random selection. All runs of a seed
+share seed_everything, hence the initial weights and the data order.
+
+A grid file holds the same settings as the flags (flags win). Paths in it are relative to the file:
+
+  base: ../configs/digits_full.yaml   # LightningCLI config without a SelectiveBackprop callback
+  methods: [full, random, loss, topk, omp, small-batch]
+  keep: [0.5]
+  label_noise: [0.0, 0.3]             # omit to keep the base config's
+  seeds: [0, 1]                       # default [0]
+  lr: {full: [0.05, 0.1], omp: [0.05, 0.1]}   # or a list for every method; omit to keep the base's
+  overrides: {trainer: {max_epochs: 5}}       # partial LightningCLI config applied to every run
+  metric: val/acc                     # validation metric to report; mode: max or min
+  threads: 1                          # torch.set_num_threads for the runs
+  keys: {lr: model.init_args.lr, label_noise: data.init_args.label_noise,
+         batch_size: data.init_args.batch_size}
+
+Output: runs/<run_id>/{config.yaml,record.json,logs/} per run, summary.md, summary.csv (and
+summary_all.csv with every learning rate), plots/*.png. A repeated command skips finished runs;
+an output directory of another base configuration is refused. With a learning-rate grid each
+method is reported at the learning rate with the best mean final validation value.
+
+Exit status: 0 when every run finished, 1 when some failed (see runs/<run_id>/error.txt),
+2 for bad input (nothing is trained).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``lightning-sbp compare``."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-sbp compare",
+        description=textwrap.fill(
+            "Compare Selective Backprop selectors with full training and with a smaller batch at equal cost, "
+            "on any LightningCLI configuration: a grid of methods, keep fractions, label-noise levels, seeds "
+            "and learning rates; a table and plots of validation accuracy, gradient error, time and examples "
+            "backpropagated.",
+            width=100,
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="GRID.yaml", help="grid file (see below); flags override its keys")
+    parser.add_argument("--base", metavar="BASE.yaml", help="base LightningCLI config: model, data, trainer")
+    parser.add_argument("--output", metavar="DIR", help="directory for runs, summary and plots")
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        metavar="METHOD",
+        help=f"methods to compare: {', '.join(available_methods())}",
+    )
+    parser.add_argument("--keep", nargs="*", type=float, metavar="F", help="keep fractions in (0, 1]")
+    parser.add_argument(
+        "--label-noise", dest="label_noise", nargs="*", type=float, metavar="F", help="label-noise levels in [0, 1]"
+    )
+    parser.add_argument("--seeds", nargs="*", type=int, metavar="S", help="seeds, one run each (default 0)")
+    parser.add_argument(
+        "--lr",
+        nargs="*",
+        metavar="[METHOD=]LR[,LR...]",
+        help="learning rates: 'LR,LR' for every method (--lr 0.05,0.1), or 'METHOD=LR,LR' per method "
+        "(--lr full=0.1 omp=0.02,0.05; methods left out keep the base config's)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="assignments",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a base config key in every run, e.g. --set trainer.max_epochs=3 (repeatable)",
+    )
+    parser.add_argument("--metric", help="validation metric to report (default val/acc)")
+    parser.add_argument("--mode", choices=["max", "min"], help="whether a higher metric is better (default max)")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads for the runs")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dry-run", action="store_true", help="check the grid and list its runs; train nothing")
+    return parser
+
+
+def grid_from_args(args: argparse.Namespace) -> Grid:
+    """The checked grid from parsed arguments: the grid file's values, overridden by the flags.
+
+    Raises:
+        GridError: for anything that cannot run.
+    """
+    values: dict[str, Any] = load_grid_file(Path(args.config)) if args.config else {}
+    for key in ("base", "output", "methods", "keep", "label_noise", "seeds", "metric", "mode", "threads"):
+        value = getattr(args, key)
+        if value is not None:
+            values[key] = value
+    if args.lr is not None:
+        values["lr"] = _learning_rate_flags(args.lr)
+    if args.assignments:
+        overrides = values.get("overrides") or {}
+        if not isinstance(overrides, dict):
+            raise GridError(f"overrides must be a mapping (a partial LightningCLI config), got {overrides!r}")
+        values["overrides"] = merge(overrides, nest(dict(parse_assignment(text) for text in args.assignments)))
+    return Grid.from_values(values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``lightning-sbp compare``.
+
+    Args:
+        argv: the arguments after ``compare``; ``None`` reads ``sys.argv[2:]``.
+
+    Returns:
+        0 when every run finished, 1 when some failed.
+
+    Raises:
+        SystemExit: with status 2 and ``error: ...`` on stderr for bad input, before any training.
+    """
+    args = build_parser().parse_args(sys.argv[2:] if argv is None else list(argv))
+    try:
+        grid = grid_from_args(args)
+        return _compare(grid, progress=not args.no_progress, dry_run=args.dry_run)
+    except GridError as err:
+        sys.stderr.write(f"error: {err}\n")
+        raise SystemExit(2) from None
+
+
+def _compare(grid: Grid, progress: bool, dry_run: bool) -> int:
+    fingerprint = base_fingerprint(grid)
+    check_output(grid, fingerprint)
+    base = inspect_base(grid)
+    runs = expand(grid, fingerprint, base.batch_size)
+    check_runs(grid, runs)
+    if dry_run:
+        for run in runs:
+            record = load_record(grid.output / "runs" / run.run_id / "record.json")
+            status = record.get("status", "?") if record is not None else "to do"
+            print(f"{run.run_id}  {status}")
+        print(f"{len(runs)} runs; output {grid.output}")
+        return 0
+    prepare_output(grid, fingerprint)
+    records = run_grid(grid, runs, base, progress=progress)
+
+    rows = summarise(records, grid)
+    selected = select_best_lr(rows, grid.mode)
+    write_csv(selected, grid.output / "summary.csv")
+    tuned = any(len(rates) > 1 for rates in grid.lr.values())
+    if tuned:
+        write_csv(rows, grid.output / "summary_all.csv")
+    else:
+        (grid.output / "summary_all.csv").unlink(missing_ok=True)  # from an earlier, tuned grid
+    table = markdown_table(selected, grid.metric)
+    failed = [record for record in records if record.get("status") != "finished"]
+    (grid.output / "summary.md").write_text(_summary_document(grid, table, records, failed, tuned))
+    plots = plot_all(selected, records, grid.metric, grid.output / "plots", show_lr=tuned) if selected else []
+
+    print(table, end="")
+    print(_legend(grid, tuned))
+    print(f"summary: {grid.output / 'summary.md'}, {grid.output / 'summary.csv'}")
+    if plots:
+        print("plots: " + ", ".join(str(path) for path in plots))
+    if failed:
+        names = ", ".join(record["run_id"] for record in failed)
+        sys.stderr.write(f"{len(failed)} of {len(runs)} runs failed ({names}); see runs/<run_id>/error.txt\n")
+        return 1
+    return 0
+
+
+def _legend(grid: Grid, tuned: bool) -> str:
+    text = (
+        f"Means ± sample standard deviations over seeds. final/best {grid.metric}: at the last validation / the best "
+        "validation of each run. grad error: mean relative error of the selected subset's last-layer gradient "
+        "against the full batch's; ratio to random: its mean per-step ratio to the closed-form error of a random "
+        "subset of the same size (below 1: better than random). train time: wall-clock time of the fit without "
+        "validation; speedup: full's train time divided by the method's. examples backprop: examples that went "
+        "through a backward pass."
+    )
+    if tuned:
+        text += (
+            f" Each method is shown at the learning rate with the best mean final {grid.metric} "
+            "(all learning rates: summary_all.csv)."
+        )
+    return textwrap.fill(text, width=110)
+
+
+def _summary_document(
+    grid: Grid, table: str, records: list[dict[str, Any]], failed: list[dict[str, Any]], tuned: bool
+) -> str:
+    lines = [
+        "# Selective Backprop comparison",
+        "",
+        f"Base configuration: `{grid.base}`; {len(records)} runs; seeds {', '.join(map(str, grid.seeds))}.",
+    ]
+    loads = [load for record in records for load in record.get("load_average", []) if load is not None]
+    if loads:
+        cpus = {int(record["cpus"]) for record in records if record.get("cpus")}
+        lines.append(
+            f"1-minute load average during the runs: {min(loads):.1f} to {max(loads):.1f} "
+            f"({'/'.join(map(str, sorted(cpus))) or '?'} CPUs); times are comparable only under a steady load."
+        )
+    lines += ["", table, _legend(grid, tuned), ""]
+    if failed:
+        lines += [f"{len(failed)} runs failed and are left out: " + ", ".join(r["run_id"] for r in failed), ""]
+    return "\n".join(lines)
+
+
+def _learning_rate_flags(items: Sequence[str]) -> dict[str, list[str]] | list[str]:
+    shared: list[str] = []
+    per_method: dict[str, list[str]] = {}
+    for item in items:
+        method, sep, rates = item.rpartition("=")
+        values = [rate for rate in rates.split(",") if rate.strip()]
+        if sep:
+            per_method.setdefault(method, []).extend(values)
+        else:
+            shared.extend(values)
+    if not per_method:
+        return shared
+    if shared:
+        raise GridError("--lr: give either shared learning rates (LR,LR) or per-method ones (METHOD=LR,LR), not both")
+    return per_method

@@ -1,0 +1,464 @@
+"""The comparison grid: what it holds, how it is checked, and how it expands into runs.
+
+A grid is a base LightningCLI configuration plus the axes the comparison varies: methods, keep
+fractions, label-noise levels, seeds and, optionally, learning rates per method. Every cell of
+the grid becomes a :class:`Run` whose id is a pure function of what the run's configuration is
+made of (the base configuration's contents, the overrides, and the cell's own settings), so the
+same cell always lands in the same directory and a repeated comparison finds its finished runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lightning_sbp.functional.batch import subset_size
+from lightning_sbp.selectors import available_selectors
+
+__all__ = [
+    "FULL",
+    "GRID_KEYS",
+    "SMALL_BATCH",
+    "ConfigKeys",
+    "Grid",
+    "GridError",
+    "Run",
+    "available_methods",
+    "base_fingerprint",
+    "expand",
+    "load_grid_file",
+    "merge",
+    "nest",
+    "override_args",
+    "parse_assignment",
+]
+
+FULL = "full"
+"""Plain training on every example: no callback."""
+
+SMALL_BATCH = "small-batch"
+"""Plain training with batch size ``k = floor(keep * N)`` for as many optimiser steps as the selective runs."""
+
+GRID_KEYS = (
+    "base",
+    "output",
+    "methods",
+    "keep",
+    "label_noise",
+    "seeds",
+    "lr",
+    "overrides",
+    "keys",
+    "metric",
+    "mode",
+    "threads",
+)
+"""The keys a grid file may hold."""
+
+
+class GridError(ValueError):
+    """A grid that cannot run: reported as ``error: ...`` with exit status 2 before any training."""
+
+
+def available_methods() -> list[str]:
+    """``full``, ``small-batch`` and every registered selector name."""
+    return [FULL, SMALL_BATCH, *available_selectors()]
+
+
+@dataclass(frozen=True)
+class ConfigKeys:
+    """Where, in the LightningCLI configuration, the grid's axes are set.
+
+    Attributes:
+        lr: the model's learning rate.
+        label_noise: the DataModule's fraction of flipped training labels.
+        batch_size: the DataModule's batch size (read for ``k``, set by ``small-batch``).
+    """
+
+    lr: str = "model.init_args.lr"
+    label_noise: str = "data.init_args.label_noise"
+    batch_size: str = "data.init_args.batch_size"
+
+
+@dataclass
+class Grid:
+    """A checked comparison grid.
+
+    Attributes:
+        base: the base LightningCLI configuration (model, data, trainer).
+        output: the directory that receives the runs, the summary and the plots.
+        methods: methods in the order they were given.
+        keep: keep fractions of the methods that select (every method but ``full``).
+        label_noise: label-noise levels; ``[None]`` keeps the base configuration's.
+        seeds: one run per seed: ``seed_everything`` and the callback's ``seed``.
+        lr: learning rates per method; a method missing here keeps the base configuration's.
+        overrides: a partial LightningCLI configuration applied to every run after the base.
+        keys: where the axes live in the configuration.
+        metric: the validation metric to report (logged once per validation).
+        mode: ``max`` when a higher metric is better, ``min`` otherwise.
+        threads: ``torch.set_num_threads`` for the runs; ``None`` leaves torch's default.
+    """
+
+    base: Path
+    output: Path
+    methods: list[str]
+    keep: list[float]
+    label_noise: list[float | None]
+    seeds: list[int]
+    lr: dict[str, list[float]] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    keys: ConfigKeys = field(default_factory=ConfigKeys)
+    metric: str = "val/acc"
+    mode: str = "max"
+    threads: int | None = None
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> Grid:
+        """Check raw values (from a grid file and flags) and build the grid.
+
+        Args:
+            values: a mapping with the keys of :data:`GRID_KEYS`; missing keys take their defaults
+                (no methods, keep fractions or output means an error).
+
+        Raises:
+            GridError: naming the first key whose value cannot run.
+        """
+        unknown = sorted(set(values) - set(GRID_KEYS))
+        if unknown:
+            raise GridError(f"unknown grid key(s) {', '.join(unknown)}; allowed keys: {', '.join(GRID_KEYS)}")
+        if values.get("base") in (None, ""):
+            raise GridError("no base configuration: give --base BASE.yaml or `base:` in the grid file")
+        base = Path(values["base"])
+        if not base.is_file():
+            raise GridError(f"base configuration {str(base)!r} does not exist")
+        if values.get("output") in (None, ""):
+            raise GridError("no output directory: give --output DIR or `output:` in the grid file")
+        methods = _methods(values.get("methods"))
+        selecting = [method for method in methods if method != FULL]
+        keep = _fractions("keep", values.get("keep"), low_open=True) if selecting else []
+        if selecting and not keep:
+            raise GridError(f"empty grid: no keep fractions for {', '.join(selecting)}; give --keep or `keep:`")
+        noise_values = values.get("label_noise")
+        label_noise: list[float | None] = (
+            [None] if noise_values is None else list(_fractions("label_noise", noise_values, low_open=False))
+        )
+        if not label_noise:
+            raise GridError("empty grid: label_noise is an empty list; omit it to keep the base configuration's")
+        seeds = _seeds(values.get("seeds"))
+        threads = values.get("threads")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise GridError(f"threads must be a positive integer, got {threads!r}")
+        mode = values.get("mode", "max")
+        if mode not in ("max", "min"):
+            raise GridError(f"mode must be 'max' or 'min', got {mode!r}")
+        metric = values.get("metric", "val/acc")
+        if not isinstance(metric, str) or not metric:
+            raise GridError(f"metric must be the name of a logged validation metric, got {metric!r}")
+        overrides = values.get("overrides") or {}
+        if not isinstance(overrides, Mapping):
+            raise GridError(f"overrides must be a mapping (a partial LightningCLI config), got {overrides!r}")
+        return cls(
+            base=base,
+            output=Path(values["output"]),
+            methods=methods,
+            keep=keep,
+            label_noise=label_noise,
+            seeds=seeds,
+            lr=_learning_rates(values.get("lr"), methods),
+            overrides=dict(overrides),
+            keys=_keys(values.get("keys")),
+            metric=metric,
+            mode=mode,
+            threads=threads,
+        )
+
+
+@dataclass(frozen=True)
+class Run:
+    """One cell of the grid: one Lightning fit.
+
+    Attributes:
+        method: ``full``, ``small-batch`` or a selector name.
+        keep: the keep fraction; ``None`` for ``full``.
+        label_noise: the label-noise level; ``None`` keeps the base configuration's.
+        seed: ``seed_everything`` and the callback's ``seed``.
+        lr: the learning rate; ``None`` keeps the base configuration's.
+        batch_size: the batch size the run trains with (``k`` for ``small-batch``, else the base's).
+        run_id: a readable name followed by a hash of everything the run's configuration is made of.
+        args: the LightningCLI arguments that turn the base configuration into this cell's.
+    """
+
+    method: str
+    keep: float | None
+    label_noise: float | None
+    seed: int
+    lr: float | None
+    batch_size: int
+    run_id: str
+    args: tuple[str, ...]
+
+    def spec(self) -> dict[str, Any]:
+        """The cell's settings as a JSON-ready mapping."""
+        return {
+            "method": self.method,
+            "keep": self.keep,
+            "label_noise": self.label_noise,
+            "seed": self.seed,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+        }
+
+
+def load_grid_file(path: Path) -> dict[str, Any]:
+    """Read a grid file; ``base`` and ``output`` in it are taken relative to the file's folder.
+
+    Raises:
+        GridError: if the file is missing, is not YAML, or is not a mapping.
+    """
+    if not path.is_file():
+        raise GridError(f"grid file {str(path)!r} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise GridError(f"grid file {str(path)!r} is not valid YAML: {err}") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise GridError(f"grid file {str(path)!r} must hold a mapping of grid keys, got {type(values).__name__}")
+    for key in ("base", "output"):
+        if isinstance(values.get(key), str) and values[key]:
+            values[key] = os.path.normpath(path.parent / values[key])
+    return values
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with a dotted key and a YAML value, e.g. ``trainer.max_epochs=3``.
+
+    Raises:
+        GridError: without ``=`` or with an empty key.
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise GridError(f"--set expects KEY=VALUE with a dotted configuration key, got {text!r}")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` as ``{"a": {"b": 1}}``."""
+    nested: dict[str, Any] = {}
+    for key, value in dotted.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[leaf] = value
+    return nested
+
+
+def merge(into: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``update`` into ``into``, recursively for mappings; returns ``into``."""
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
+def override_args(overrides: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """LightningCLI arguments ``--a.b=value`` that apply a partial configuration.
+
+    Mappings are followed down to their leaves, except a mapping with a ``class_path``, which is
+    passed whole (as JSON) because it names an object to build.
+    """
+    args: list[str] = []
+    for key, value in overrides.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and "class_path" not in value and value:
+            args += override_args(value, f"{dotted}.")
+        else:
+            args.append(f"--{dotted}={_arg_value(value)}")
+    return args
+
+
+def base_fingerprint(grid: Grid) -> str:
+    """A hash of what every run shares: the base configuration's contents, the overrides and the keys.
+
+    Comments, key order and the base file's location do not change it.
+    """
+    try:
+        base = yaml.safe_load(grid.base.read_text())
+    except yaml.YAMLError as err:
+        raise GridError(f"base configuration {str(grid.base)!r} is not valid YAML: {err}") from None
+    return _digest({"base": base, "overrides": grid.overrides, "keys": vars(grid.keys)})
+
+
+def expand(grid: Grid, fingerprint: str, base_batch_size: int) -> list[Run]:
+    """Every run of the grid, methods interleaved within each seed and noise level.
+
+    Interleaving spreads slow periods of a shared machine over all methods instead of one.
+
+    Args:
+        grid: the checked grid.
+        fingerprint: :func:`base_fingerprint` of the grid.
+        base_batch_size: the batch size ``N`` of the base configuration; ``small-batch`` trains with
+            ``floor(keep * N)``, at least 1.
+    """
+    runs: list[Run] = []
+    for seed in grid.seeds:
+        for noise in grid.label_noise:
+            for method in grid.methods:
+                for keep in [None] if method == FULL else grid.keep:
+                    for lr in grid.lr.get(method, [None]):
+                        runs.append(_make_run(grid, fingerprint, base_batch_size, method, keep, noise, seed, lr))
+    return runs
+
+
+def _make_run(
+    grid: Grid,
+    fingerprint: str,
+    base_batch_size: int,
+    method: str,
+    keep: float | None,
+    noise: float | None,
+    seed: int,
+    lr: float | None,
+) -> Run:
+    keys = grid.keys
+    args = [f"--seed_everything={seed}"]
+    if noise is not None:
+        args.append(f"--{keys.label_noise}={noise!r}")
+    if lr is not None:
+        args.append(f"--{keys.lr}={lr!r}")
+    batch = base_batch_size
+    if method == SMALL_BATCH:
+        assert keep is not None
+        batch = subset_size(keep, base_batch_size)
+        args.append(f"--{keys.batch_size}={batch}")
+    elif method != FULL:
+        init_args = {"selector": method, "keep": keep, "seed": seed}
+        callback = {"class_path": "lightning_sbp.SelectiveBackprop", "init_args": init_args}
+        args.append(f"--trainer.callbacks+={json.dumps(callback)}")
+    parts = [method]
+    if keep is not None:
+        parts.append(f"keep{keep:g}")
+    if noise is not None:
+        parts.append(f"noise{noise:g}")
+    parts.append(f"seed{seed}")
+    if lr is not None:
+        parts.append(f"lr{lr:g}")
+    digest = _digest({"base": fingerprint, "args": args})[:8]
+    return Run(method, keep, noise, seed, lr, batch, "-".join([*parts, digest]), tuple(args))
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _arg_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def _as_list(name: str, value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        return [value]
+    if isinstance(value, Mapping):
+        raise GridError(f"{name} must be a list, got a mapping {dict(value)!r}")
+    return list(value)
+
+
+def _unique(values: Sequence[Any]) -> list[Any]:
+    return list(dict.fromkeys(values))
+
+
+def _methods(value: Any) -> list[str]:
+    methods = _unique([str(method) for method in _as_list("methods", value)])
+    if not methods:
+        raise GridError(f"empty grid: no methods; give --methods or `methods:` from {', '.join(available_methods())}")
+    allowed = available_methods()
+    unknown = [method for method in methods if method not in allowed]
+    if unknown:
+        raise GridError(f"unknown method(s) {', '.join(map(repr, unknown))}; methods: {', '.join(allowed)}")
+    return methods
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise GridError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise GridError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise GridError(f"{name} must be finite, got {value!r}")
+    return number
+
+
+def _fractions(name: str, value: Any, low_open: bool) -> list[float]:
+    fractions = _unique([_number(name, item) for item in _as_list(name, value)])
+    for fraction in fractions:
+        if (fraction <= 0.0 if low_open else fraction < 0.0) or fraction > 1.0:
+            interval = "(0, 1]" if low_open else "[0, 1]"
+            raise GridError(f"{name} values must lie in {interval}, got {fraction:g}")
+    return fractions
+
+
+def _seeds(value: Any) -> list[int]:
+    if value is None:
+        return [0]
+    seeds = _as_list("seeds", value)
+    if not seeds:
+        raise GridError("empty grid: seeds is an empty list")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise GridError(f"seeds must be integers, got {seed!r}")
+    return _unique(seeds)
+
+
+def _learning_rates(value: Any, methods: list[str]) -> dict[str, list[float]]:
+    if value is None:
+        return {}
+    table = dict(value) if isinstance(value, Mapping) else {method: value for method in methods}
+    unknown = [method for method in table if method not in methods]
+    if unknown:
+        raise GridError(f"lr given for method(s) {', '.join(map(repr, unknown))} that are not in the grid's methods")
+    rates: dict[str, list[float]] = {}
+    for method, values in table.items():
+        numbers = _unique([_number(f"lr of {method}", item) for item in _as_list(f"lr of {method}", values)])
+        if not numbers:
+            raise GridError(f"empty grid: no learning rates for {method}")
+        if any(rate <= 0 for rate in numbers):
+            raise GridError(f"learning rates must be positive, got {numbers} for {method}")
+        rates[method] = numbers
+    return rates
+
+
+def _keys(value: Any) -> ConfigKeys:
+    if value is None:
+        return ConfigKeys()
+    if not isinstance(value, Mapping):
+        raise GridError(f"keys must be a mapping of lr, label_noise and batch_size to config keys, got {value!r}")
+    allowed = set(vars(ConfigKeys()))
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise GridError(f"unknown entries in keys: {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    return ConfigKeys(**{name: str(key) for name, key in value.items()})

@@ -1,0 +1,642 @@
+"""Run the grid: one real Lightning fit per cell, in this process, one after another, each recorded on disk.
+
+Every run is built by LightningCLI from the base configuration, the grid's overrides and the
+cell's arguments, so it trains what ``lightning-sbp fit --config runs/<run_id>/config.yaml`` would
+train; the comparison only adds callbacks that measure (and, for ``small-batch``, the epoch
+length, which the saved configuration records). Runs log to CSV in their own directory, with
+Lightning's progress bar off. A record is written when a fit ends; a run whose record says
+``finished`` is not trained again.
+
+Layout of the output directory::
+
+    compare.json                 fingerprint of the base configuration, overrides and keys
+    base.yaml                    the base configuration as given
+    runs/<run_id>/config.yaml    the run's resolved configuration
+    runs/<run_id>/record.json    the run's record
+    runs/<run_id>/logs/          the run's step-level CSV log
+    runs/<run_id>/error.txt      the traceback of a failed run
+    summary.md, summary.csv      the summary (see lightning_sbp.compare.report)
+    plots/*.png                  the plots (see lightning_sbp.compare.plots)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from jsonargparse import ArgumentError, Namespace
+from lightning.pytorch.callbacks import Callback
+
+import lightning_sbp
+from lightning_sbp.callback import SelectiveBackprop
+from lightning_sbp.cli import SelectiveBackpropCLI
+from lightning_sbp.compare.grid import FULL, SMALL_BATCH, Grid, GridError, Run, override_args
+from lightning_sbp.functional.batch import batch_size
+
+__all__ = [
+    "RECORD_VERSION",
+    "BaseInfo",
+    "EqualStepBudget",
+    "RunRecorder",
+    "base_args",
+    "check_output",
+    "check_runs",
+    "fit_run",
+    "inspect_base",
+    "load_record",
+    "prepare_output",
+    "run_grid",
+    "warm_up",
+]
+
+RECORD_VERSION = 1
+"""Version of the layout of ``record.json`` and ``compare.json``."""
+
+_QUIET_WARNINGS = (".*does not have many workers.*", ".*The number of training batches.*", ".*LeafSpec.*")
+_LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """What the comparison reads from the base configuration before any run.
+
+    Attributes:
+        batch_size: the batch size ``N``.
+        lr: the learning rate, when the configuration has one at the grid's ``lr`` key.
+    """
+
+    batch_size: int
+    lr: float | None
+
+
+class _ParseOnlyCLI(SelectiveBackpropCLI):
+    """The command's LightningCLI up to the parsed configuration: nothing is built."""
+
+    def instantiate_classes(self) -> None:
+        """Build nothing."""
+
+
+def base_args(grid: Grid) -> list[str]:
+    """The LightningCLI arguments every run starts from: the base configuration and the overrides."""
+    return ["--config", str(grid.base), *override_args(grid.overrides)]
+
+
+def inspect_base(grid: Grid) -> BaseInfo:
+    """Parse the base configuration with the grid's overrides through LightningCLI; build nothing.
+
+    Raises:
+        GridError: if the configuration does not parse, holds a ``SelectiveBackprop`` callback
+            already, or has no integer batch size at the grid's ``batch_size`` key.
+    """
+    with _quiet():
+        try:
+            cli = _ParseOnlyCLI(args=base_args(grid), run=False, parser_kwargs={"exit_on_error": False})
+        except (ArgumentError, ValueError, TypeError) as err:
+            raise GridError(f"base configuration {str(grid.base)!r}: {_message(err)}") from None
+    config = cli.config
+    for position, entry in enumerate(_as_list(config.get("trainer.callbacks"))):
+        class_path = entry.get("class_path") if isinstance(entry, Namespace) else None
+        if isinstance(class_path, str) and _is_selective_backprop(class_path):
+            raise GridError(
+                f"base configuration {str(grid.base)!r} already has a SelectiveBackprop callback "
+                f"(trainer.callbacks[{position}]); the comparison adds one per method: use a base without it, "
+                "e.g. examples/configs/digits_full.yaml"
+            )
+    size = config.get(grid.keys.batch_size)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise GridError(
+            f"base configuration {str(grid.base)!r} has no batch size at {grid.keys.batch_size!r} (got {size!r}); "
+            "set `keys: {batch_size: ...}` in the grid file"
+        )
+    lr = config.get(grid.keys.lr)
+    lr = float(lr) if isinstance(lr, int | float) and not isinstance(lr, bool) else None
+    return BaseInfo(batch_size=size, lr=lr)
+
+
+def check_runs(grid: Grid, runs: Sequence[Run]) -> None:
+    """Build (without training) the model, data and trainer of the first run of every method.
+
+    A wrong key or a value a constructor refuses then fails before any training, not in the
+    middle of the grid.
+
+    Raises:
+        GridError: naming the run that cannot be built.
+    """
+    firsts = {run.method: run for run in reversed(runs)}
+    with tempfile.TemporaryDirectory(prefix="sbp-check-") as scratch, _quiet():
+        for run in sorted(firsts.values(), key=runs.index):
+            args = [*base_args(grid), *run.args, *_scratch_args(scratch)]
+            try:
+                _build_cli(args)
+            except (ArgumentError, ValueError, TypeError) as err:
+                raise GridError(f"run {run.run_id}: {_message(err)}") from None
+            finally:
+                gc.collect()
+
+
+def check_output(grid: Grid, fingerprint: str) -> None:
+    """Check that the output directory is new, empty, or holds runs of the same base configuration.
+
+    Raises:
+        GridError: if the directory holds runs of another base configuration, or anything that is
+            not a comparison.
+    """
+    output = grid.output
+    marker = output / "compare.json"
+    if marker.is_file():
+        try:
+            stored = json.loads(marker.read_text()).get("fingerprint")
+        except (json.JSONDecodeError, AttributeError):
+            stored = None
+        if stored != fingerprint:
+            raise GridError(
+                f"output directory {str(output)!r} holds runs of a different base configuration "
+                f"(fingerprint {str(stored)[:12]}, this grid's {fingerprint[:12]}: the base file's contents, the "
+                "overrides or the keys differ); choose another --output or remove that directory"
+            )
+    elif output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise GridError(
+            f"output directory {str(output)!r} exists and is not a comparison's output (no compare.json); "
+            "choose another --output"
+        )
+
+
+def prepare_output(grid: Grid, fingerprint: str) -> None:
+    """Create the output directory and mark it with the fingerprint (after :func:`check_output`)."""
+    output = grid.output
+    if (output / "compare.json").is_file():
+        return
+    output.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(grid.base, output / "base.yaml")
+    _write_json(
+        output / "compare.json",
+        {
+            "version": RECORD_VERSION,
+            "fingerprint": fingerprint,
+            "base": str(grid.base),
+            "overrides": grid.overrides,
+            "keys": vars(grid.keys),
+            "created": _now(),
+        },
+    )
+
+
+def load_record(path: Path) -> dict[str, Any] | None:
+    """The record at ``path``, or ``None`` if it is missing or unreadable."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+class RunRecorder(Callback):
+    """Collects what a comparison reports about a fit: validation values, gradient errors, time and examples.
+
+    Validation: at the end of every validation (not the sanity check), the value of ``metric`` with
+    the training time, optimiser step and examples backpropagated so far. Training time excludes
+    the time spent validating. Gradient errors: at the end of every training epoch, the epoch means
+    the :class:`~lightning_sbp.SelectiveBackprop` callback logged, for epochs that had selective steps.
+
+    Args:
+        metric: the validation metric to record.
+    """
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+        self.validations: list[dict[str, Any]] = []
+        self.epochs: list[dict[str, Any]] = []
+        self.examples_seen = 0
+        self.batches_per_epoch: int | None = None
+        self.validation_seconds = 0.0
+        self._started = time.perf_counter()
+        self._validation_started: float | None = None
+        self._selective_at_epoch_start = 0
+        self._sbp: SelectiveBackprop | None = None
+
+    def start(self) -> None:
+        """Mark the start of the fit (call right before ``trainer.fit``)."""
+        self._started = time.perf_counter()
+        self.validation_seconds = 0.0
+
+    def elapsed(self) -> float:
+        """Seconds since :meth:`start`."""
+        return time.perf_counter() - self._started
+
+    def examples_backpropagated(self) -> int:
+        """Examples that went through a backward pass so far."""
+        return self._sbp.examples_backpropagated if self._sbp is not None else self.examples_seen
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Find the run's SelectiveBackprop callback, if any."""
+        self._sbp = next((cb for cb in trainer.callbacks if isinstance(cb, SelectiveBackprop)), None)  # type: ignore[attr-defined]
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Note how many batches an epoch has."""
+        batches = trainer.num_training_batches
+        self.batches_per_epoch = int(batches) if math.isfinite(batches) else None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Remember the callback's count of selective steps."""
+        self._selective_at_epoch_start = self._sbp.selective_steps if self._sbp is not None else 0
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Count the examples of the batch the loader served."""
+        self.examples_seen += batch_size(batch)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Record the epoch's mean gradient errors, if the epoch had selective steps."""
+        if self._sbp is None:
+            return
+        steps = self._sbp.selective_steps - self._selective_at_epoch_start
+        entry: dict[str, Any] = {"epoch": trainer.current_epoch, "selective_steps": steps}
+        for name in ("grad_error", "grad_error_random", "grad_error_ratio"):
+            # callback_metrics keeps a key's last value, so an epoch without selective steps would repeat the last one.
+            value = trainer.callback_metrics.get(f"sbp/{name}_epoch") if steps > 0 else None
+            entry[name] = _float(value)
+        self.epochs.append(entry)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start the validation clock."""
+        self._validation_started = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Stop the validation clock; record the metric unless this was the sanity check."""
+        started = self._validation_started if self._validation_started is not None else time.perf_counter()
+        train_seconds = started - self._started - self.validation_seconds
+        self.validation_seconds += time.perf_counter() - started
+        self._validation_started = None
+        if trainer.sanity_checking:
+            return
+        self.validations.append(
+            {
+                "epoch": trainer.current_epoch,
+                "step": trainer.global_step,
+                "train_seconds": train_seconds,
+                "examples_backpropagated": self.examples_backpropagated(),
+                "value": _float(trainer.callback_metrics.get(self.metric)),
+            }
+        )
+
+
+class EqualStepBudget(Callback):
+    """Give a ``small-batch`` run as many batches per epoch as the selective runs, whose batches are larger.
+
+    Selective runs take ``ceil(n / N)`` batches of ``N`` per epoch (fewer with ``drop_last`` or a
+    base ``limit_train_batches``); a ``small-batch`` run trains on batches of ``k`` and stops each
+    epoch after the same number of batches, so it takes the same optimiser steps under the same
+    learning-rate schedule and backpropagates the same number of examples. Set in ``setup``,
+    before Lightning sizes the epoch and the schedule.
+
+    Args:
+        reference_batch_size: the batch size ``N`` of the selective runs.
+    """
+
+    def __init__(self, reference_batch_size: int) -> None:
+        self.reference_batch_size = reference_batch_size
+        self.batches_per_epoch: int | float | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Limit the epoch to the reference run's number of batches."""
+        if stage != "fit":
+            return
+        source = trainer.datamodule if trainer.datamodule is not None else pl_module  # type: ignore[attr-defined]
+        loader = source.train_dataloader()
+        try:
+            examples = len(loader.dataset)
+        except TypeError:
+            raise ValueError(
+                "small-batch needs a training set of known length to match the selective runs' steps per epoch"
+            ) from None
+        size = self.reference_batch_size
+        full = examples // size if getattr(loader, "drop_last", False) else math.ceil(examples / size)
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int):
+            batches: int = min(full, limit)
+        else:
+            batches = int(full * (1.0 if limit is None else limit))
+        self.batches_per_epoch = batches
+        trainer.limit_train_batches = batches
+
+
+def fit_run(run: Run, grid: Grid, base: BaseInfo, run_dir: Path) -> dict[str, Any]:
+    """Train one run and return its record (not yet written).
+
+    Failures of the fit are recorded (``status: failed`` and the error) rather than raised, so a
+    grid goes on with its other runs; ``KeyboardInterrupt`` stops it.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger = {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": str(run_dir), "name": "logs", "version": ""},
+    }
+    args = [
+        *base_args(grid),
+        *run.args,
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={run_dir}",
+        f"--trainer.logger={json.dumps(logger)}",
+    ]
+    recorder = RunRecorder(grid.metric)
+    budget = EqualStepBudget(base.batch_size) if run.method == SMALL_BATCH else None
+    record: dict[str, Any] = {
+        "version": RECORD_VERSION,
+        "run_id": run.run_id,
+        **run.spec(),
+        "lr": run.lr if run.lr is not None else base.lr,
+        "metric": grid.metric,
+        "mode": grid.mode,
+        "status": "failed",
+        "error": None,
+        "started": _now(),
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_average": [_load_average()],
+        "versions": {
+            "torch": torch.__version__,
+            "lightning": pl.__version__,
+            "lightning_sbp": lightning_sbp.__version__,
+        },
+    }
+    started = time.perf_counter()
+    try:
+        with _quiet():
+            cli = _build_cli(args)
+            (run_dir / "config.yaml").write_text(cli.parser.dump(cli.config))
+            trainer = cli.trainer
+            trainer.callbacks.append(recorder)  # type: ignore[attr-defined]
+            if budget is not None:
+                trainer.callbacks.append(budget)  # type: ignore[attr-defined]
+            recorder.start()
+            trainer.fit(cli.model, datamodule=cli.datamodule)
+            fit_seconds = recorder.elapsed()
+            record["load_average"].append(_load_average())
+            if budget is not None:
+                cli.config["trainer.limit_train_batches"] = budget.batches_per_epoch
+                (run_dir / "config.yaml").write_text(cli.parser.dump(cli.config))
+            optimizer_steps = trainer.global_step
+            interrupted = trainer.interrupted
+        record.update(_summarise(recorder, grid.mode, fit_seconds, optimizer_steps))
+        if interrupted:
+            raise KeyboardInterrupt
+        if not record["validation"] or all(entry["value"] is None for entry in record["validation"]):
+            raise ValueError(
+                f"the metric {grid.metric!r} was never logged at a validation end; "
+                "set `metric:` in the grid file to a key the model logs during validation"
+            )
+        record["status"] = "finished"
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:
+        record["error"] = f"{type(err).__name__}: {_message(err)}"
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+        record.setdefault("fit_seconds", time.perf_counter() - started)
+    finally:
+        gc.collect()
+    return record
+
+
+def warm_up(run: Run, grid: Grid) -> None:
+    """Two training steps and one validation step of ``run``, thrown away.
+
+    The first fit in a process pays one-time costs (lazy initialisation in torch and Lightning,
+    first calls of every kernel); without a warm-up they would be charged to whichever run comes
+    first and bias its time. Failures are left for the real run to record.
+    """
+    with tempfile.TemporaryDirectory(prefix="sbp-warmup-") as scratch, _quiet():
+        args = [
+            *base_args(grid),
+            *run.args,
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.num_sanity_val_steps=0",
+            *_scratch_args(scratch),
+        ]
+        try:
+            cli = _build_cli(args)
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        except Exception:  # the real run records what went wrong
+            pass
+        finally:
+            gc.collect()
+
+
+def run_grid(
+    grid: Grid,
+    runs: Sequence[Run],
+    base: BaseInfo,
+    progress: bool = True,
+    fit: Callable[[Run, Grid, BaseInfo, Path], dict[str, Any]] = fit_run,
+    warmup: bool = True,
+) -> list[dict[str, Any]]:
+    """Train every run that has no finished record; return the records of all runs, in grid order.
+
+    Args:
+        grid: the checked grid.
+        runs: the runs to do, from :func:`~lightning_sbp.compare.grid.expand`.
+        base: what :func:`inspect_base` read.
+        progress: show one progress bar over the runs (on stderr).
+        fit: trains one run and returns its record.
+        warmup: before the first fit, run :func:`warm_up` on a selective run (or the first run).
+    """
+    if grid.threads is not None:
+        torch.set_num_threads(grid.threads)
+    finished = {run.run_id: _finished_record(grid, run) for run in runs}
+    todo = [run for run in runs if finished[run.run_id] is None]
+    if warmup and todo:
+        warm_up(next((run for run in todo if run.method not in (FULL, SMALL_BATCH)), todo[0]), grid)
+    records: list[dict[str, Any]] = []
+    with _progress(len(runs), progress) as bar:
+        for run in runs:
+            run_dir = grid.output / "runs" / run.run_id
+            record = finished[run.run_id]
+            if record is not None:
+                records.append(record)
+                bar.update(1)
+                continue
+            if run_dir.exists():
+                shutil.rmtree(run_dir)  # an interrupted or failed attempt starts over
+            bar.set_postfix_str(run.run_id)
+            try:
+                record = fit(run, grid, base, run_dir)
+            except (KeyboardInterrupt, SystemExit):
+                bar.write(
+                    f"interrupted during {run.run_id}; finished runs are kept: run the same command to resume",
+                    file=sys.stderr,
+                )
+                raise
+            _write_json(run_dir / "record.json", record)
+            records.append(record)
+            bar.write(_one_line(record), file=sys.stderr)
+            bar.update(1)
+    return records
+
+
+def _finished_record(grid: Grid, run: Run) -> dict[str, Any] | None:
+    record = load_record(grid.output / "runs" / run.run_id / "record.json")
+    if record is not None and record.get("status") == "finished" and record.get("run_id") == run.run_id:
+        return record
+    return None
+
+
+def _scratch_args(directory: str) -> list[str]:
+    """Arguments of a throw-away fit: nothing logged, saved or shown, anything written goes to ``directory``."""
+    return [
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={directory}",
+    ]
+
+
+def _build_cli(args: list[str]) -> SelectiveBackpropCLI:
+    return SelectiveBackpropCLI(args=args, run=False, save_config_callback=None, parser_kwargs={"exit_on_error": False})
+
+
+class _NoBar:
+    def update(self, count: int) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def write(self, text: str, file: Any = None) -> None:
+        (file or sys.stderr).write(text + "\n")
+
+
+@contextlib.contextmanager
+def _progress(total: int, enabled: bool) -> Iterator[Any]:
+    if not enabled:
+        yield _NoBar()
+        return
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        yield _NoBar()
+        return
+    bar = tqdm(total=total, desc="compare", unit="run", file=sys.stderr, dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Lightning's info messages off, known harmless warnings off, and ``sys.argv`` out of LightningCLI's sight."""
+    levels = {name: logging.getLogger(name).level for name in _LIGHTNING_LOGGERS}
+    argv = sys.argv
+    sys.argv = argv[:1]  # LightningCLI warns when it gets both `args` and command-line arguments
+    try:
+        for name in _LIGHTNING_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            for pattern in _QUIET_WARNINGS:
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        sys.argv = argv
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _summarise(recorder: RunRecorder, mode: str, fit_seconds: float, optimizer_steps: int) -> dict[str, Any]:
+    values = [entry["value"] for entry in recorder.validations if entry["value"] is not None]
+    selective = sum(entry["selective_steps"] for entry in recorder.epochs)
+    means: dict[str, float | None] = {}
+    for name in ("grad_error", "grad_error_random", "grad_error_ratio"):
+        weighted = [(e[name], e["selective_steps"]) for e in recorder.epochs if e[name] is not None]
+        total = sum(steps for _, steps in weighted)
+        means[name] = sum(value * steps for value, steps in weighted) / total if total else None
+    return {
+        "validation": recorder.validations,
+        "epochs": recorder.epochs,
+        "final": values[-1] if values else None,
+        "best": (max(values) if mode == "max" else min(values)) if values else None,
+        **means,
+        "selective_steps": selective,
+        "fit_seconds": fit_seconds,
+        "validation_seconds": recorder.validation_seconds,
+        "train_seconds": fit_seconds - recorder.validation_seconds,
+        "examples_seen": recorder.examples_seen,
+        "examples_backpropagated": recorder.examples_backpropagated(),
+        "optimizer_steps": optimizer_steps,
+        "batches_per_epoch": recorder.batches_per_epoch,
+    }
+
+
+def _one_line(record: dict[str, Any]) -> str:
+    if record.get("status") != "finished":
+        return f"{record['run_id']}: failed: {record.get('error')}"
+    return (
+        f"{record['run_id']}: {record['metric']} {record['final']:.4f} (best {record['best']:.4f}), "
+        f"{record['train_seconds']:.1f} s training, {record['examples_backpropagated']} examples backpropagated"
+    )
+
+
+def _is_selective_backprop(class_path: str) -> bool:
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return name == "SelectiveBackprop"
+    return isinstance(cls, type) and issubclass(cls, SelectiveBackprop)
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _float(value: Any) -> float | None:
+    if value is None:
+        return None
+    number = float(value.item() if isinstance(value, torch.Tensor) else value)
+    return number if math.isfinite(number) else None
+
+
+def _message(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average of the machine (``None`` where the system has none)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_json(path: Path, value: Any) -> None:
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(partial, path)

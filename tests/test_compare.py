@@ -1,0 +1,264 @@
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+
+from lightning_sbp.cli import main as cli_main
+from lightning_sbp.compare import FULL, SMALL_BATCH, Grid, GridError, expand
+from lightning_sbp.compare.report import format_mean_std
+from lightning_sbp.compare.runner import RunRecorder
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ROOT / "examples" / "configs" / "digits_full.yaml"
+TINY = [
+    "--base",
+    str(BASE),
+    "--methods",
+    "full",
+    "random",
+    "small-batch",
+    "--keep",
+    "0.5",
+    "--seeds",
+    "0",
+    "--set",
+    "trainer.max_epochs=2",
+    "--set",
+    "trainer.limit_train_batches=3",
+    "--set",
+    "trainer.limit_val_batches=2",
+    "--set",
+    "trainer.num_sanity_val_steps=0",
+]
+
+
+class Counts:
+    """How many fits started (warm-up included) and how many runs were recorded."""
+
+    def __init__(self) -> None:
+        self.fits = 0
+        self.runs = 0
+
+
+@pytest.fixture(scope="module")
+def counts() -> Iterator[Counts]:
+    counted = Counts()
+    fit, start = pl.Trainer.fit, RunRecorder.start
+
+    def counting_fit(self: pl.Trainer, *args: Any, **kwargs: Any) -> Any:
+        counted.fits += 1
+        return fit(self, *args, **kwargs)
+
+    def counting_start(self: RunRecorder) -> None:
+        counted.runs += 1
+        start(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pl.Trainer, "fit", counting_fit)
+        patch.setattr(RunRecorder, "start", counting_start)
+        yield counted
+
+
+def compare(args: list[str]) -> int:
+    try:
+        status = cli_main(["compare", *args])
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 1
+    return int(status or 0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, counts: Counts) -> Path:
+    output = tmp_path_factory.mktemp("compare") / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(output.parent)  # anything written outside --output would land here
+        assert compare([*TINY, "--output", str(output)]) == 0
+    assert counts.runs == 3 and counts.fits == 4  # three runs and one warm-up
+    return output
+
+
+def records(output: Path) -> dict[str, dict[str, Any]]:
+    found = [json.loads(path.read_text()) for path in sorted((output / "runs").glob("*/record.json"))]
+    return {record["method"]: record for record in found}
+
+
+def test_a_tiny_grid_writes_records_table_csv_and_plots(tiny: Path) -> None:
+    import matplotlib.image
+
+    by_method = records(tiny)
+    assert set(by_method) == {"full", "random", "small-batch"}
+    for record in by_method.values():
+        assert record["status"] == "finished"
+        assert [entry["epoch"] for entry in record["validation"]] == [0, 1]
+        assert record["fit_seconds"] > record["train_seconds"] > 0
+        assert (tiny / "runs" / record["run_id"] / "config.yaml").is_file()
+    assert [entry["selective_steps"] for entry in by_method["random"]["epochs"]] == [3, 3]
+    assert by_method["random"]["grad_error_ratio"] > 0
+    assert by_method["full"]["grad_error"] is None and by_method["full"]["epochs"] == []
+    table = (tiny / "summary.md").read_text()
+    assert "| noise | method |" in table and table.count("\n| base |") == 3
+    for name in ("accuracy_vs_time.png", "accuracy_vs_examples.png", "grad_error.png"):
+        image = matplotlib.image.imread(tiny / "plots" / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
+    assert not (tiny.parent / "runs").exists() and not (tiny.parent / "lightning_logs").exists()
+
+
+def test_small_batch_gets_the_budget_of_the_selective_runs(tiny: Path) -> None:
+    by_method = records(tiny)
+    full, random, small = by_method["full"], by_method["random"], by_method["small-batch"]
+    assert small["batch_size"] == 32 and random["batch_size"] == full["batch_size"] == 64
+    assert small["optimizer_steps"] == random["optimizer_steps"] == full["optimizer_steps"] == 6
+    assert small["examples_backpropagated"] == random["examples_backpropagated"] == 6 * 32
+    assert full["examples_backpropagated"] == random["examples_seen"] == 6 * 64
+    config = (tiny / "runs" / small["run_id"] / "config.yaml").read_text()
+    assert "batch_size: 32" in config and "limit_train_batches: 3" in config
+
+
+def test_the_table_holds_the_numbers_of_the_records(tiny: Path) -> None:
+    by_method = records(tiny)
+    with (tiny / "summary.csv").open() as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    assert list(rows) == ["full", "random", "small-batch"]
+    table = (tiny / "summary.md").read_text()
+    for method, row in rows.items():
+        record = by_method[method]
+        assert row["run_ids"] == record["run_id"]
+        assert float(row["final_mean"]) == record["final"] and float(row["best_mean"]) == record["best"]
+        assert float(row["train_seconds_mean"]) == record["train_seconds"]
+        assert float(row["examples_backpropagated"]) == record["examples_backpropagated"]
+        speedup = by_method["full"]["train_seconds"] / record["train_seconds"]
+        assert float(row["speedup"]) == pytest.approx(speedup, rel=1e-12)
+        line = next(line for line in table.splitlines() if f"| {method} |" in line)
+        assert format_mean_std(record["final"], None, 4) in line
+        assert f"{speedup:.2f}×" in line
+    assert float(rows["random"]["grad_error_ratio"]) == by_method["random"]["grad_error_ratio"]
+    assert rows["full"]["grad_error"] == ""
+
+
+def test_a_second_invocation_trains_nothing_and_a_lost_record_is_trained_again(
+    tiny: Path, counts: Counts, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = (tiny / "summary.csv").read_text()
+    fits = counts.fits
+    assert compare([*TINY, "--output", str(tiny), "--no-progress"]) == 0
+    assert counts.fits == fits
+    assert (tiny / "summary.csv").read_text() == before
+    assert "| base | random | 0.5 |" in capsys.readouterr().out
+
+    (tiny / "runs" / records(tiny)["small-batch"]["run_id"] / "record.json").unlink()
+    runs = counts.runs
+    assert compare([*TINY, "--output", str(tiny), "--no-progress"]) == 0
+    assert counts.runs == runs + 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--methods", "full", "bogus"], "unknown method(s) 'bogus'"),
+        (["--methods"], "empty grid: no methods"),
+        (["--seeds"], "empty grid: seeds"),
+        (["--keep", "0"], "keep values must lie in (0, 1]"),
+        (["--lr", "omp=0.1"], "not in the grid's methods"),
+        (["--set", "trainer.max_epochs=3"], "holds runs of a different base configuration"),
+        (["--base", str(ROOT / "examples" / "configs" / "digits_omp.yaml")], "already has a SelectiveBackprop"),
+        (["--set", "model.init_args.no_such_argument=1"], "base configuration"),
+        (["--set", "data.init_args.label_noise=2"], "label_noise must be a fraction in [0, 1]"),
+    ],
+    ids=[
+        "unknown-method",
+        "no-methods",
+        "no-seeds",
+        "keep",
+        "lr-method",
+        "other-base",
+        "sbp-in-base",
+        "bad-key",
+        "refused-value",
+    ],
+)
+def test_bad_input_stops_before_any_training(
+    args: list[str], message: str, tiny: Path, tmp_path: Path, counts: Counts, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Only the case about a different base reuses the tiny grid's output; the others would hit that error first.
+    output = tiny if "different base" in message else tmp_path / "new"
+    fits = counts.fits
+    assert compare([*TINY, "--output", str(output), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert counts.fits == fits and not (tmp_path / "new").exists()
+
+
+def test_an_unrelated_output_directory_is_refused(
+    tmp_path: Path, counts: Counts, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    fits = counts.fits
+    assert compare([*TINY, "--output", str(tmp_path)]) == 2
+    assert "not a comparison's output" in capsys.readouterr().err
+    assert counts.fits == fits and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_dry_run_lists_the_runs_and_trains_nothing(
+    tmp_path: Path, counts: Counts, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fits = counts.fits
+    assert compare([*TINY, "--output", str(tmp_path / "new"), "--seeds", "0", "1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "6 runs" in out and out.count("to do") == 6
+    assert counts.fits == fits and not (tmp_path / "new").exists()
+
+
+def test_help_documents_the_grid(capsys: pytest.CaptureFixture[str]) -> None:
+    assert compare(["--help"]) == 0
+    out = capsys.readouterr().out
+    for text in ("--methods", "--label-noise", "small-batch", "omp", "label_noise:", "Exit status"):
+        assert text in out
+
+
+def grid(**values: Any) -> Grid:
+    return Grid.from_values({"base": str(BASE), "output": "out", **values})
+
+
+def test_expansion_interleaves_methods_and_gives_stable_distinct_ids() -> None:
+    spec = grid(methods=[FULL, "omp", SMALL_BATCH], keep=[0.25, 0.5], label_noise=[0.0, 0.3], seeds=[1, 2])
+    runs = expand(spec, "fingerprint", 64)
+    assert len(runs) == 2 * 2 * (1 + 2 + 2)  # full does not vary keep
+    assert [run.method for run in runs[:5]] == [FULL, "omp", "omp", SMALL_BATCH, SMALL_BATCH]
+    assert len({run.run_id for run in runs}) == len(runs)
+    assert [run.run_id for run in expand(spec, "fingerprint", 64)] == [run.run_id for run in runs]
+    assert {run.run_id for run in expand(spec, "other", 64)}.isdisjoint(run.run_id for run in runs)
+    small = next(run for run in runs if run.method == SMALL_BATCH and run.keep == 0.25)
+    assert small.batch_size == 16 and "--data.init_args.batch_size=16" in small.args
+    omp = next(run for run in runs if run.method == "omp")
+    callback = json.loads(next(arg for arg in omp.args if arg.startswith("--trainer.callbacks+=")).split("=", 1)[1])
+    assert callback["init_args"] == {"selector": "omp", "keep": 0.25, "seed": 1}
+
+
+def test_learning_rate_grids_per_method_or_shared() -> None:
+    per_method = grid(methods=[FULL, "random"], keep=[0.5], lr={"random": [0.1, 0.2]})
+    assert [run.lr for run in expand(per_method, "f", 64)] == [None, 0.1, 0.2]
+    shared = grid(methods=[FULL, "random"], keep=[0.5], lr=[0.1])
+    assert [run.lr for run in expand(shared, "f", 64)] == [0.1, 0.1]
+    with pytest.raises(GridError, match="positive"):
+        grid(methods=[FULL], lr=[0.0])
+
+
+def test_each_method_is_reported_at_its_best_learning_rate_and_speedups_use_the_selected_full_row() -> None:
+    from lightning_sbp.compare.report import Row, select_best_lr
+
+    rows = [
+        Row(0.0, FULL, None, 0.1, final_mean=0.8, train_seconds_mean=10.0),
+        Row(0.0, FULL, None, 0.2, final_mean=0.9, train_seconds_mean=8.0),
+        Row(0.0, "omp", 0.5, 0.1, final_mean=0.85, train_seconds_mean=4.0),
+        Row(0.0, "omp", 0.5, 0.2, final_mean=0.85, train_seconds_mean=2.0),
+    ]
+    selected = select_best_lr(rows, "max")
+    assert [(row.method, row.lr) for row in selected] == [(FULL, 0.2), ("omp", 0.1)]  # ties keep the first
+    assert [row.speedup for row in selected] == [1.0, 2.0]
+    assert [(row.method, row.lr) for row in select_best_lr(rows, "min")] == [(FULL, 0.1), ("omp", 0.1)]
