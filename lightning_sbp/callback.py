@@ -12,77 +12,36 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import (
-    DDPStrategy,
-    DeepSpeedStrategy,
-    FSDPStrategy,
-    ModelParallelStrategy,
-    SingleDeviceStrategy,
-    SingleDeviceXLAStrategy,
-    Strategy,
-    XLAStrategy,
-)
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
 from lightning_sbp.functional.batch import batch_size, example_indices, index_batch, subset_size
 from lightning_sbp.functional.resize import downscale
-from lightning_sbp.metrics import (
-    ExactGradientError,
-    GradientApproximationError,
-    GradientErrorRatio,
-    RandomSubsetGradientError,
-)
 from lightning_sbp.mixin import SelectiveBackpropMixin, default_forward
 from lightning_sbp.schedule import Schedule
 from lightning_sbp.score_cache import ScoreCache
 from lightning_sbp.scoring import (
     LastLayerCapture,
     find_last_linear,
-    frozen_running_stats,
     has_batch_norm,
     logit_gradients_by_autograd,
     scoring_mode,
 )
 from lightning_sbp.selectors import Scores, Selection, Selector, available_selectors, get_selector
+from lightning_sbp.strategies import check_strategy
+from lightning_sbp.tracking import Forward, GradientErrorTracker, LossFn, subset_and_full_gradients
 
 __all__ = ["SelectiveBackprop"]
 
 ScoreMode = Literal["train", "eval"]
 ScorePrecision = Literal["same", "bf16", "16"]
 SCORE_DTYPES: dict[str, torch.dtype | None] = {"same": None, "bf16": torch.bfloat16, "16": torch.float16}
-LossFn = Callable[[Tensor, Tensor], Tensor]
-Forward = Callable[[Any], tuple[Tensor, Tensor]]
 
 
 def per_example_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Softmax cross-entropy per example: the default scoring loss of the patch path."""
     return F.cross_entropy(logits.float(), targets, reduction="none")
-
-
-def check_strategy(strategy: Strategy) -> None:
-    """Refuse the strategies Selective Backprop cannot serve; warn about those it was not tested with.
-
-    Supported: one device, and DDP in all its launch modes (``ddp``, ``ddp_spawn``, ``ddp_fork``,
-    ``ddp_notebook``), where every rank holds the whole model.
-
-    Raises:
-        ValueError: for FSDP, DeepSpeed and model-parallel strategies, which shard the model.
-    """
-    if isinstance(strategy, FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy):
-        raise ValueError(
-            f"SelectiveBackprop does not support {type(strategy).__name__}: it shards the model and gathers the "
-            "parameters around each forward, and the scoring pass adds a second forward to every step, which "
-            "this strategy's parameter gathering and gradient handling are not tested with. Supported strategies: "
-            "single device and DDP ('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook'); use strategy='ddp' or drop "
-            "the SelectiveBackprop callback"
-        )
-    tested = isinstance(strategy, SingleDeviceStrategy | DDPStrategy)
-    if not tested or isinstance(strategy, XLAStrategy | SingleDeviceXLAStrategy):
-        rank_zero_warn(
-            f"SelectiveBackprop is tested on a single device and with DDP, not with {type(strategy).__name__}"
-        )
 
 
 def mix_seed(*parts: int) -> int:
@@ -92,47 +51,6 @@ def mix_seed(*parts: int) -> int:
         state = ((state ^ (part & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
         state ^= state >> 31
     return state & 0x7FFFFFFFFFFFFFFF
-
-
-METRIC_OF = {
-    "grad_error": "proxy",
-    "grad_error_random": "random",
-    "grad_error_ratio": "ratio",
-    "grad_error_exact": "exact",
-}
-
-
-class GradientErrorMetrics(torch.nn.Module):
-    """The gradient-error metrics a callback tracks, moved to the module's device together."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proxy = GradientApproximationError()
-        self.random = RandomSubsetGradientError()
-        self.ratio = GradientErrorRatio()
-        self.exact = ExactGradientError()
-
-
-def subset_and_full_gradients(
-    model: torch.nn.Module, forward: Forward, loss_fn: LossFn, batch: Any, subset: Any, weights: Tensor
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Gradients of the weighted subset loss and of the full-batch loss over all trainable parameters.
-
-    Computed with ``torch.autograd.grad``: ``.grad``, optimiser state and running statistics
-    stay as they were. Parameters the loss does not reach get zero gradients.
-    """
-    params = [param for param in model.parameters() if param.requires_grad]
-
-    def gradients(loss: Tensor) -> list[Tensor]:
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-
-    with torch.enable_grad(), frozen_running_stats(model):
-        logits, targets = forward(batch)
-        reference = gradients(loss_fn(logits, targets).mean())
-        logits, targets = forward(subset)
-        approximation = gradients((weights * loss_fn(logits, targets)).mean())
-    return approximation, reference
 
 
 def training_dataset(trainer: pl.Trainer) -> Dataset | None:
@@ -269,7 +187,7 @@ class SelectiveBackprop(Callback):
         self.examples_backpropagated = 0
         self.last_selection: Selection | None = None
         self._capture: LastLayerCapture | None = None
-        self._metrics: GradientErrorMetrics | None = None
+        self._tracker: GradientErrorTracker | None = None
         self._min_k = 1
         self._total_steps: float = float("inf")
         self._nonfinite: Tensor | None = None
@@ -298,7 +216,7 @@ class SelectiveBackprop(Callback):
                 "which it does not support"
             )
         self._capture = self._find_last_layer(pl_module)
-        self._metrics = GradientErrorMetrics() if self.track_grad_error and self._capture is not None else None
+        self._tracker = GradientErrorTracker() if self.track_grad_error and self._capture is not None else None
         self._min_k = 2 if has_batch_norm(pl_module) else 1
         self.selector.setup(pl_module)
         if self.stale_epochs:
@@ -309,14 +227,14 @@ class SelectiveBackprop(Callback):
         """Fix the selective window for this run's length."""
         self._total_steps = float(trainer.estimated_stepping_batches)
         self.schedule.window(self._total_steps)
-        if self._metrics is not None:
-            self._metrics.to(pl_module.device)
+        if self._tracker is not None:
+            self._tracker.to(pl_module.device)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Warn, once and without a sync on every step, when losses were not finite."""
-        if trainer.global_step % max(1, getattr(trainer, "log_every_n_steps", 50)) == 0:
+        if self._should_log(trainer):
             self._warn_nonfinite()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -456,10 +374,17 @@ class SelectiveBackprop(Callback):
 
         subset = self.index_batch(batch, selection.indices)
         values: dict[str, Any] = {}
-        if self._metrics is not None:
+        if self._tracker is not None:
             # Selection quality is measured against the full batch as the trainer would score it.
             true_scores = self._score(pl_module, batch) if cheap else scores
-            values.update(self._grad_errors(pl_module, batch, subset, true_scores, selection, k))
+            every = self.exact_grad_error_every
+            exact = None
+            if every and self.selective_steps % every == 0:
+                forward, loss_fn = self._forward_and_loss(pl_module)
+                exact = functools.partial(
+                    subset_and_full_gradients, pl_module, forward, loss_fn, batch, subset, selection.weights
+                )
+            values.update(self._tracker.measure(pl_module, true_scores, selection, exact))
         rest = args[1:] if args else ()
         call_args = (subset, *rest) if args else ()
         call_kwargs = kwargs if args else {**kwargs, "batch": subset}
@@ -563,34 +488,6 @@ class SelectiveBackprop(Callback):
         return Scores(
             losses=losses, logits=logits.detach(), logit_grads=logit_grads, features=features.float(), bias=bias
         )
-
-    def _grad_errors(
-        self, pl_module: pl.LightningModule, batch: Any, subset: Any, scores: Scores, selection: Selection, k: int
-    ) -> dict[str, Tensor]:
-        """Update the gradient-error metrics with this batch; their batch values, to log with the step's."""
-        metrics = self._metrics
-        assert metrics is not None
-        values: dict[str, Tensor] = {}
-        # k = N happens only under DDP, on a rank whose batch is too small to select from: a whole batch matches
-        # itself, and its 0/0 ratio would poison the epoch mean.
-        if k < scores.size:
-            error = metrics.proxy(scores.gram, selection.indices, selection.weights)
-            random_error = metrics.random(scores.gram, k)
-            values["grad_error"] = error
-            values["grad_error_random"] = random_error
-            values["grad_error_ratio"] = metrics.ratio(error, random_error)
-        every = self.exact_grad_error_every
-        if every and self.selective_steps % every == 0:
-            forward, loss_fn = self._forward_and_loss(pl_module)
-            approximation, reference = subset_and_full_gradients(
-                pl_module, forward, loss_fn, batch, subset, selection.weights
-            )
-            values["grad_error_exact"] = metrics.exact(approximation, reference)
-        for name in values:
-            # Epoch values are each metric's mean over the epoch, synced across ranks at its end.
-            metric = getattr(metrics, METRIC_OF[name])
-            pl_module.log(f"sbp/{name}_epoch", metric, on_step=False, on_epoch=True, metric_attribute=f"sbp_{name}")
-        return {f"sbp/{name}_step": value for name, value in values.items()}
 
     @torch.compiler.disable
     def _select(self, trainer: pl.Trainer, scores: Scores, k: int) -> Selection:

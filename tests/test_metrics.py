@@ -11,7 +11,6 @@ from helpers import SmallCNN, blobs, loader, trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_sbp import SelectiveBackprop
-from lightning_sbp.callback import subset_and_full_gradients
 from lightning_sbp.functional.grad_error import random_subset_gradient_error, subset_gradient_error
 from lightning_sbp.metrics import (
     ExactGradientError,
@@ -20,6 +19,7 @@ from lightning_sbp.metrics import (
     RandomSubsetGradientError,
     relative_gradient_error,
 )
+from lightning_sbp.tracking import subset_and_full_gradients
 
 
 def test_metrics_average_their_per_batch_functional_values() -> None:

@@ -7,6 +7,8 @@ per-example gradient is ever materialised.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -91,8 +93,9 @@ def random_subset_gradient_error(gram: Tensor, k: int) -> Tensor:
     """
     _check_gram(gram)
     n = gram.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+    if isinstance(k, bool) or not hasattr(k, "__index__") or not 1 <= operator.index(k) <= n:
         raise ValueError(f"k must be an integer with 1 <= k <= N = {n}, got {k!r}")
+    k = operator.index(k)
     gram = gram.to(torch.promote_types(gram.dtype, torch.float32))
     mean_sq = gram.sum() / n**2
     if k == n:

@@ -8,6 +8,8 @@ approximates the signal.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -15,6 +17,13 @@ __all__ = ["omp_gram"]
 
 # Rounds of projected least squares of the non-negative variant.
 _NONNEGATIVE_ROUNDS = 5
+# Rows of the Cholesky factor read per block in the greedy loop.
+_BLOCK = 16
+# Row length multiple (in elements) of the loop's work matrices.
+_ALIGN = 8
+# Elements per piece when copying a matrix: below the size at which PyTorch's CPU kernels start a
+# parallel region, whose wait for every thread of the pool costs milliseconds on a busy machine.
+_COPY_CHUNK = 16384
 
 
 def omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool = False) -> tuple[Tensor, Tensor]:
@@ -44,8 +53,8 @@ def omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool = False) ->
       still joins the support, with coefficient 0, and the fit on the other atoms is unchanged;
     * residual correlations not above ``tol * max|target|`` count as zero. When no unselected atom
       is above that, the lowest unselected index is picked. The support is thus always filled with
-      ``k`` distinct indices, deterministically;
-    * NaN and infinite entries of ``gram`` and ``target`` are read as 0.
+      ``k`` distinct indices, deterministically, even when ``gram`` or ``target`` hold NaN or infinite
+      values (the coefficients are then unspecified and may be non-finite).
 
     With ``nonnegative=True`` an atom is picked for the largest positive residual correlation ``r_j``
     (when none is positive, the lowest unselected index, as above), and the coefficients are made
@@ -59,8 +68,8 @@ def omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool = False) ->
     The function is not differentiable; its outputs never require gradients.
 
     Args:
-        gram: symmetric positive semi-definite matrix ``[N, N]`` of inner products of the atoms.
-            Only its rows are read (its symmetry is assumed, not checked).
+        gram: symmetric positive semi-definite matrix ``[N, N]`` of inner products of the atoms (its
+            symmetry is assumed, not checked).
         target: ``[N]`` correlations of the atoms with the signal (``gram.mean(dim=1)`` to approximate the
             mean of the atoms).
         k: number of atoms to select, ``1 <= k <= N``.
@@ -84,17 +93,14 @@ def omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool = False) ->
         raise ValueError(f"gram and target must be floating point, got {gram.dtype} and {target.dtype}")
     if gram.device != target.device:
         raise ValueError(f"gram and target must be on the same device, got {gram.device} and {target.device}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+    if isinstance(k, bool) or not hasattr(k, "__index__") or not 1 <= operator.index(k) <= n:
         raise ValueError(f"k must be an integer with 1 <= k <= N = {n}, got {k!r}")
+    k = operator.index(k)
 
     dtype = torch.promote_types(torch.promote_types(gram.dtype, target.dtype), torch.float32)
+    # The loop is a few dozen tiny operations per pick; inference mode spares each its autograd bookkeeping.
     with torch.inference_mode():
-        indices, coef = _omp_gram(
-            torch.nan_to_num(gram.to(dtype), nan=0.0, posinf=0.0, neginf=0.0),
-            torch.nan_to_num(target.to(dtype), nan=0.0, posinf=0.0, neginf=0.0),
-            k,
-            nonnegative,
-        )
+        indices, coef = _omp_gram(gram.to(dtype), target.to(dtype), k, nonnegative)
     # Plain tensors, not inference tensors, so that callers may use them in autograd graphs.
     return indices.clone(), coef.clone()
 
@@ -106,51 +112,64 @@ def _omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool) -> tuple[
     # Schur complement of a dependent atom grows with the support size and the conditioning of its
     # factor, so the square root of eps leaves a wide margin above it.
     tol = max(torch.finfo(dtype).eps ** 0.5, n * torch.finfo(dtype).eps)
-    # Row vectors [1, N] throughout, so that the [1, 1] values gathered at the picked atom broadcast
-    # against them without reshaping.
-    alpha = target.reshape(1, n).clone()  # residual correlations
-    pivot_floor = gram.diagonal().clamp(min=0).mul(tol).reshape(1, n)
-    score_floor = alpha.abs().amax().mul(tol).clamp(min=torch.finfo(dtype).tiny)
-    # Caps the score: +inf for unselected atoms, 0 for selected ones, whose score thus stays below that of
-    # any unselected atom (at least score_floor > 0). fmin also drops a NaN score to the cap.
-    cap = torch.full((1, n), torch.inf, dtype=dtype, device=device)
+    # The loop works on columns of m coordinates: the N atoms, then the target, then zeros up to a length
+    # that keeps the rows of `w_ext` aligned for the matrix-vector products. Column j of `gram_ext` is
+    # gram[:, j] followed by target[j]; row s of `w_ext` is column s of W followed by z[s]. The product
+    # that gives the new column of W then also gives target[lam] - W[lam] @ z, the residual correlation
+    # that z[s] needs, and the scaling that stores the column stores z[s] as well.
+    m = -(-(n + 1) // _ALIGN) * _ALIGN
+    gram_ext = torch.empty(m, n, dtype=dtype, device=device)
+    _copy_rows(gram_ext[:n], gram)
+    gram_ext[n] = target
+    gram_ext[n + 1 :] = 0.0
+    w_ext = torch.empty(k, m, dtype=dtype, device=device)
+    # Views of every row of w_ext, made in one call each rather than one per step.
+    w_views = w_ext.unsqueeze(2).unbind(0)  # [m, 1]: column s of W, z[s], zeros
+    z_views = w_ext[:, n : n + 1].unsqueeze(1).unbind(0)  # [1, 1]: z[s]
+
+    # Per-atom vectors are columns [N, 1], like the columns of W. alpha_ext holds the residual
+    # correlations r = target - W @ z in its first N coordinates.
+    alpha_ext = torch.zeros(m, 1, dtype=dtype, device=device)
+    alpha_ext[:n, 0] = target
+    alpha = alpha_ext[:n]
+    pivot_floor = gram.diagonal().clamp(min=0).mul(tol)
+    score_floor = target.abs().amax().mul(tol).clamp(min=torch.finfo(dtype).tiny)
+    # Caps the score: +inf for unselected atoms; for the atom picked at step s, s - k < 0, below any score
+    # of an unselected atom (at least score_floor > 0), and a record of the order of the picks. fmin also
+    # drops a NaN score to the cap.
+    cap = torch.full((n, 1), torch.inf, dtype=dtype, device=device)
     infinity = torch.tensor(torch.inf, dtype=dtype, device=device)
-    w_rows = torch.empty(k, n, dtype=dtype, device=device)  # row s: column s of W
-    picks: list[Tensor] = []
-    z_parts: list[Tensor] = []
 
     for s in range(k):
         score = alpha.clamp(min=score_floor) if nonnegative else alpha.abs().clamp_(min=score_floor)
-        lam = torch.fmin(score, cap).argmax(dim=1)  # shape [1]; ties go to the lowest index
-        picks.append(lam)
-        cap.index_fill_(1, lam, 0.0)
+        lam = torch.fmin(score, cap).argmax()  # 0-dim; ties go to the lowest index
+        cap.index_fill_(0, lam, s - k)
 
-        # Column of W for the new atom: the part of gram[:, lam] that the support does not explain,
-        # gram[:, lam] - W @ L[s, :s]^T, with L[s, :s] = W[lam, :s].
-        w = w_rows[s : s + 1]
-        gram_row = gram.index_select(0, lam)
-        if s == 0:
-            w.copy_(gram_row)
-        else:
-            past = w_rows[:s]
-            torch.addmm(gram_row, past.T.index_select(0, lam), past, alpha=-1, out=w)
-        pivot = w.index_select(1, lam)
+        if s % _BLOCK == 0:
+            # The products below read w_ext a block of rows at a time, rows not filled yet being zero: the
+            # views are then made once per block, for a few zero rows of extra arithmetic.
+            block = w_ext[: min(k, s + _BLOCK)]
+            block[s:].zero_()
+            block_t = block.T
+        # New column of W: the part of gram[:, lam] that the support does not explain,
+        # gram[:, lam] - W @ L[s, :s]^T with L[s, :s] = W[lam, :s] (gram is symmetric).
+        fresh = torch.addmm(gram_ext.index_select(1, lam), block_t, block.index_select(1, lam), alpha=-1)
+        pivot = fresh.take(lam)
         # 1 / sqrt(pivot), or 0 for an atom that adds no direction: its column of W and its z vanish.
-        inv_sqrt = torch.where(pivot > pivot_floor.index_select(1, lam), pivot, infinity).rsqrt_()
-        w.mul_(inv_sqrt)
-        z_s = alpha.index_select(1, lam).mul_(inv_sqrt)
-        z_parts.append(z_s)
-        alpha.addcmul_(w, z_s, value=-1)
+        inv_sqrt = torch.where(pivot > pivot_floor.take(lam), pivot, infinity).rsqrt_()
+        torch.mul(fresh, inv_sqrt, out=w_views[s])
+        alpha_ext.addcmul_(w_views[s], z_views[s], value=-1)
 
-    indices = torch.cat(picks)
+    # The picks, in order: cap holds -k, ..., -1 at them and +inf elsewhere.
+    indices = torch.topk(cap.squeeze(1), k, largest=False, sorted=True).indices
     # L^T[i, j] = W[indices[j], i] is upper triangular (the solve reads only that half). Its diagonal holds
     # sqrt(pivot), or exactly 0 for an atom without a direction; a unit pivot there gives that atom a
     # coefficient of 0, since its z and its row of L^T are 0.
-    chol_t = w_rows.index_select(1, indices)
+    chol_t = w_ext.index_select(1, indices)
     diag = chol_t.diagonal()
     dependent = diag == 0
     diag.masked_fill_(dependent, 1.0)
-    coef = torch.linalg.solve_triangular(chol_t, torch.cat(z_parts), upper=True).squeeze(1)
+    coef = torch.linalg.solve_triangular(chol_t, w_ext[:, n : n + 1], upper=True).squeeze(1)
     if nonnegative:
         coef = _nonnegative_refit(gram, target, indices, coef, dependent)
     return indices, coef
@@ -176,3 +195,10 @@ def _nonnegative_refit(gram: Tensor, target: Tensor, indices: Tensor, coef: Tens
         blocking = (refit < 0) & (ratios <= step)
         coef = torch.lerp(coef, refit, step).masked_fill_(blocking, 0.0).clamp_(min=0)
     return coef
+
+
+def _copy_rows(dst: Tensor, src: Tensor) -> None:
+    """``dst.copy_(src)`` for matrices, a few rows at a time (see ``_COPY_CHUNK``)."""
+    rows = max(1, _COPY_CHUNK // max(1, src.shape[1]))
+    for start in range(0, src.shape[0], rows):
+        dst[start : start + rows].copy_(src[start : start + rows])
