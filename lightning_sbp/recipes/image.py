@@ -5,19 +5,16 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_sbp.mixin import SelectiveBackpropMixin
 from lightning_sbp.recipes.backbones import build_backbone
+from lightning_sbp.recipes.evaluation import ClassifierEvaluation
 
 __all__ = ["ImageClassifier"]
 
 
-class ImageClassifier(SelectiveBackpropMixin, pl.LightningModule):
+class ImageClassifier(ClassifierEvaluation):
     """A backbone from :mod:`lightning_sbp.recipes.backbones` trained with SGD and momentum.
 
     Training uses the mixin's step (per-example cross-entropy, reduced with the selection
@@ -80,8 +77,7 @@ class ImageClassifier(SelectiveBackpropMixin, pl.LightningModule):
             backbone, num_classes=num_classes, in_channels=in_channels, **(backbone_kwargs or {})
         )
         self.milestones = sorted(milestones) if milestones is not None else []
-        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.setup_accuracy(num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[N, num_classes]`` of images ``[N, C, H, W]``."""
@@ -96,22 +92,6 @@ class ImageClassifier(SelectiveBackpropMixin, pl.LightningModule):
                 f"the datamodule has {data_classes} classes but the model was built with "
                 f"num_classes={self.hparams['num_classes']}; set model num_classes to {data_classes}"
             )
-
-    def _evaluate(self, batch: Any, prefix: str, accuracy: MulticlassAccuracy) -> None:
-        inputs, targets = batch[0], batch[1]
-        logits = self(inputs)
-        loss = F.cross_entropy(logits.float(), targets)
-        accuracy(logits, targets)
-        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", sync_dist=True)
-        self.log(f"{prefix}/acc", accuracy, prog_bar=prefix == "val")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Log ``val/loss`` and ``val/acc``."""
-        self._evaluate(batch, "val", self.val_acc)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        """Log ``test/loss`` and ``test/acc``."""
-        self._evaluate(batch, "test", self.test_acc)
 
     def configure_optimizers(self) -> Any:
         """SGD with the configured schedule; the cosine and warm-up schedules step every optimiser step."""

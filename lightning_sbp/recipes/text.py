@@ -5,13 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_sbp.mixin import SelectiveBackpropMixin, unwrap_logits
+from lightning_sbp.mixin import unwrap_logits
+from lightning_sbp.recipes.evaluation import ClassifierEvaluation
 
 __all__ = ["TextClassifier"]
 
@@ -26,7 +24,7 @@ def _transformers() -> Any:
     return transformers
 
 
-class TextClassifier(SelectiveBackpropMixin, pl.LightningModule):
+class TextClassifier(ClassifierEvaluation):
     """``AutoModelForSequenceClassification`` fine-tuned with AdamW and a linear warm-up and decay.
 
     The model is either loaded with ``from_pretrained(model_name_or_path)`` (a hub name such as
@@ -86,8 +84,7 @@ class TextClassifier(SelectiveBackpropMixin, pl.LightningModule):
             self.model = transformers.AutoModelForSequenceClassification.from_pretrained(
                 model_name_or_path, num_labels=num_labels
             )
-        self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
+        self.setup_accuracy(num_labels)
 
     def forward(self, **inputs: Tensor) -> Tensor:
         """Logits ``[N, num_labels]`` for the model inputs (``input_ids``, ``attention_mask``, ...)."""
@@ -109,21 +106,6 @@ class TextClassifier(SelectiveBackpropMixin, pl.LightningModule):
                 f"the datamodule has {data_classes} classes but the model was built with "
                 f"num_labels={self.hparams['num_labels']}; set model num_labels to {data_classes}"
             )
-
-    def _evaluate(self, batch: Any, prefix: str, accuracy: MulticlassAccuracy) -> None:
-        logits, targets = self.sbp_forward(batch)
-        loss = F.cross_entropy(logits.float(), targets)
-        accuracy(logits, targets)
-        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", sync_dist=True)
-        self.log(f"{prefix}/acc", accuracy, prog_bar=prefix == "val")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Log ``val/loss`` and ``val/acc``."""
-        self._evaluate(batch, "val", self.val_acc)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        """Log ``test/loss`` and ``test/acc``."""
-        self._evaluate(batch, "test", self.test_acc)
 
     def configure_optimizers(self) -> Any:
         """AdamW without decay on biases and normalisation weights, linear warm-up then linear decay per step."""
