@@ -22,6 +22,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py
 	$(BIN)/python benchmarks/omp.py
+	$(BIN)/python benchmarks/scoring_quality.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check lightning_sbp tests benchmarks examples
