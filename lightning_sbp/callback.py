@@ -29,7 +29,7 @@ from lightning_sbp.scoring import (
     scoring_mode,
 )
 from lightning_sbp.selectors import Scores, Selection, Selector, available_selectors, get_selector
-from lightning_sbp.strategies import check_strategy
+from lightning_sbp.strategies import check_private_parameters, check_strategy
 from lightning_sbp.tracking import Forward, GradientErrorTracker, LossFn, subset_and_full_gradients
 
 __all__ = ["SelectiveBackprop"]
@@ -202,6 +202,7 @@ class SelectiveBackprop(Callback):
         if stage != "fit":
             return
         check_strategy(trainer.strategy)
+        check_private_parameters(trainer.strategy, pl_module)
         mixin = isinstance(pl_module, SelectiveBackpropMixin)
         if self.selector.weighted and not mixin:
             raise ValueError(

@@ -13,8 +13,9 @@ from lightning.pytorch.strategies import (
     XLAStrategy,
 )
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 
-__all__ = ["check_strategy"]
+__all__ = ["check_private_parameters", "check_strategy"]
 
 
 def check_strategy(strategy: Strategy) -> None:
@@ -38,4 +39,27 @@ def check_strategy(strategy: Strategy) -> None:
     if not tested or isinstance(strategy, XLAStrategy | SingleDeviceXLAStrategy):
         rank_zero_warn(
             f"SelectiveBackprop is tested on a single device and with DDP, not with {type(strategy).__name__}"
+        )
+
+
+def check_private_parameters(strategy: Strategy, module: nn.Module) -> None:
+    """Refuse a multi-process run whose ranks all write one shared copy of the parameters.
+
+    A tensor handed to a process that ``torch.multiprocessing`` starts moves into shared memory.
+    Lightning copies the module back out of it in ranks started with ``"spawn"`` on CPU, but not in
+    ranks started with ``"forkserver"``: there every rank's optimiser step writes the same CPU
+    weights, racing the others, and training is silently wrong with or without Selective Backprop.
+
+    Raises:
+        ValueError: when a CPU parameter is in shared memory and there is more than one rank.
+    """
+    if getattr(strategy, "world_size", 1) <= 1:
+        return
+    shared = [name for name, p in module.named_parameters() if p.device.type == "cpu" and p.is_shared()]
+    if shared:
+        raise ValueError(
+            f"{len(shared)} parameters of {type(module).__name__} (first: {shared[0]!r}) are in memory shared by "
+            "all ranks, so every rank's optimiser step would write the same weights. Lightning copies them out "
+            "of shared memory only for ranks started with start_method='spawn'; on CPU use strategy='ddp_spawn' "
+            "or 'ddp', or give each rank its own copy before training (p.data = p.data.clone())"
         )

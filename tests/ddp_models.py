@@ -31,7 +31,8 @@ CLASSES = 3
 
 # Ranks start from a fork server that imports torch, Lightning and this module once per test session
 # instead of once per process; the trainer, module and callbacks still reach every rank pickled, exactly
-# as with "ddp_spawn". SBP_TEST_START_METHOD=spawn runs the same tests with "ddp_spawn" itself (slower).
+# as with "ddp_spawn" (see PrivateParametersDDP). SBP_TEST_START_METHOD=spawn runs the same tests with
+# "ddp_spawn" itself (slower).
 START_METHOD = cast(Literal["spawn", "forkserver"], os.environ.get("SBP_TEST_START_METHOD", "forkserver"))
 if START_METHOD == "forkserver":
     multiprocessing.get_context("forkserver").set_forkserver_preload(["lightning_sbp", "ddp_models"])
@@ -229,12 +230,29 @@ class GlooSyncBatchNormPlugin(TorchSyncBatchNorm):
         return model
 
 
+class PrivateParametersDDP(DDPStrategy):
+    """DDP that gives each rank its own copy of the module's tensors, as Lightning does for ``"spawn"``.
+
+    Pickling moves the module's CPU tensors into memory shared by all ranks; Lightning copies them out
+    only in ranks started with ``"spawn"``. Under ``"forkserver"`` the ranks would otherwise all step
+    one set of weights (which :func:`lightning_sbp.strategies.check_private_parameters` refuses).
+    """
+
+    def setup_environment(self) -> None:
+        with torch.no_grad():
+            for tensor in [*self.lightning_module.parameters(), *self.lightning_module.buffers()]:
+                tensor.data = tensor.data.clone()
+        super().setup_environment()
+
+
 def ddp_trainer(out_dir: Path, **kwargs: Any) -> pl.Trainer:
     """Two CPU processes with gloo (see ``START_METHOD``); collectives time out instead of hanging a test."""
     options: dict[str, Any] = {
         "accelerator": "cpu",
         "devices": 2,
-        "strategy": DDPStrategy(start_method=START_METHOD, process_group_backend="gloo", timeout=timedelta(seconds=60)),
+        "strategy": PrivateParametersDDP(
+            start_method=START_METHOD, process_group_backend="gloo", timeout=timedelta(seconds=60)
+        ),
         "logger": False,
         "enable_checkpointing": False,
         "enable_progress_bar": False,

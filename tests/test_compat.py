@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ddp_models import (
+    START_METHOD,
     DDPClassifier,
     GlooSyncBatchNorm,
     GlooSyncBatchNormPlugin,
@@ -22,7 +24,7 @@ from ddp_models import (
     weighted_subset_loss,
 )
 from helpers import trainer
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy
 from torch import Tensor
 from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader
@@ -291,3 +293,37 @@ def test_an_untested_strategy_is_served_with_a_warning() -> None:
     with pytest.warns(UserWarning, match="tested on a single device and with DDP, not with Custom"):
         sbp.setup(SimpleNamespace(strategy=Custom()), model, "fit")  # type: ignore[abstract,arg-type]
     sbp.teardown(None, model, "fit")  # type: ignore[arg-type]
+
+
+class Ranks(DDPStrategy):
+    """A DDP strategy as far as setup can tell, with a fixed number of ranks and no processes."""
+
+    def __init__(self, world_size: int) -> None:
+        super().__init__()
+        self._world_size = world_size
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+
+def test_ranks_that_share_one_copy_of_the_cpu_parameters_are_refused_at_setup() -> None:
+    model = DDPClassifier()
+    model.head.weight.share_memory_()
+    sbp = SelectiveBackprop("random")
+    with pytest.raises(ValueError, match=r"1 parameters of DDPClassifier \(first: 'head.weight'\) are in memory"):
+        sbp.setup(SimpleNamespace(strategy=Ranks(2)), model, "fit")  # type: ignore[arg-type]
+    # one process may keep its weights in shared memory; so may ranks once each holds its own copy
+    sbp.setup(SimpleNamespace(strategy=Ranks(1)), model, "fit")  # type: ignore[arg-type]
+    sbp.teardown(None, model, "fit")  # type: ignore[arg-type]
+    model.head.weight.data = model.head.weight.data.clone()
+    sbp.setup(SimpleNamespace(strategy=Ranks(2)), model, "fit")  # type: ignore[arg-type]
+    sbp.teardown(None, model, "fit")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(START_METHOD != "forkserver", reason="Lightning unshares the parameters of spawned ranks")
+def test_forkserver_ranks_on_cpu_would_step_one_shared_copy_of_the_weights(tmp_path: Path) -> None:
+    # Lightning's own DDPStrategy, without the test suite's copy of the module in each rank.
+    strategy = DDPStrategy(start_method="forkserver", process_group_backend="gloo", timeout=timedelta(seconds=60))
+    with pytest.raises(Exception, match="are in memory shared by all ranks"):
+        ddp_trainer(tmp_path, strategy=strategy, callbacks=[SelectiveBackprop("random")]).fit(DDPClassifier(), data(64))
