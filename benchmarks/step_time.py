@@ -1,6 +1,7 @@
 """Time of a Selective Backprop step against a full step and against the ideal, in one run.
 
-ResNet-18 with the CIFAR stem on random 3×32×32 batches of 128, on the CPU. Every
+ResNet-18 with the CIFAR stem on random 3×32×32 batches of 128, on the CPU (``--accelerator gpu``
+for a GPU, timed with a device synchronisation around every step). Every
 configuration trains through a real ``Trainer`` on the same model; configurations are
 interleaved round by round and each row reports the median step time.
 
@@ -77,6 +78,12 @@ class PeerLossSelection(ImageClassifier):
         return loss
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that host clocks measure it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class StepTimer(pl.Callback):
     """Wall-clock time of each training batch, from batch start to the end of the optimiser step."""
 
@@ -85,10 +92,12 @@ class StepTimer(pl.Callback):
         self.times: list[float] = []
         self._started = 0.0
 
-    def on_train_batch_start(self, *args: Any) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        synchronize(pl_module.device)
         self._started = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        synchronize(pl_module.device)
         if trainer.current_epoch >= self.first_epoch:
             self.times.append(time.perf_counter() - self._started)
 
@@ -139,11 +148,11 @@ def build_rows(batch: int, keeps: list[float], selectors: list[str], minimum: in
     return rows
 
 
-def time_fit(model: pl.LightningModule, row: Row, data: DataLoader) -> list[float]:
+def time_fit(model: pl.LightningModule, row: Row, data: DataLoader, accelerator: str) -> list[float]:
     """Per-step times of the row's timed epochs, the first step of each fit (warm-up) dropped."""
     timer = StepTimer(row.timed_from_epoch)
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         max_epochs=row.epochs,
         logger=False,
@@ -157,14 +166,17 @@ def time_fit(model: pl.LightningModule, row: Row, data: DataLoader) -> list[floa
     return timer.times[1:]
 
 
-def time_no_grad_forward(model: pl.LightningModule, data: DataLoader) -> list[float]:
+def time_no_grad_forward(model: pl.LightningModule, data: DataLoader, device: torch.device) -> list[float]:
     """Times of the scoring forward alone: train mode, no graph, running statistics frozen."""
-    model.train()
+    model.to(device).train()
     times = []
     for images, _, _ in data:
+        images = images.to(device)
+        synchronize(device)
         started = time.perf_counter()
         with scoring_mode(model, "train"):
             model(images)
+        synchronize(device)
         times.append(time.perf_counter() - started)
     return times[1:]
 
@@ -180,7 +192,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=4, help="steps per configuration, epoch and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-extras", action="store_true", help="skip the cheaper-scoring and peer rows")
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
     args = parser.parse_args(argv)
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        parser.error("--accelerator gpu needs a CUDA device, and torch sees none")
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
 
     pl.seed_everything(0, verbose=False)
     options = {"backbone": args.backbone, "num_classes": 10, "schedule": "constant", "lr": 0.01}
@@ -199,17 +215,20 @@ def main(argv: list[str] | None = None) -> None:
                 torch.utils.data.Subset(images, range(row.batch_size * args.steps)), batch_size=row.batch_size
             )
 
-    time_fit(models["shared"], rows[0], loaders[args.batch_size])  # warm-up: allocator, kernels, caches
+    time_fit(
+        models["shared"], rows[0], loaders[args.batch_size], args.accelerator
+    )  # warm-up: allocator, kernels, caches
     times: dict[str, list[float]] = defaultdict(list)
     for _ in range(args.rounds):
-        times["no-grad forward"] += time_no_grad_forward(models["shared"], loaders[args.batch_size])
+        times["no-grad forward"] += time_no_grad_forward(models["shared"], loaders[args.batch_size], device)
         for row in rows:
-            times[row.label] += time_fit(models[row.model], row, loaders[row.batch_size])
+            times[row.label] += time_fit(models[row.model], row, loaders[row.batch_size], args.accelerator)
     median = {label: statistics.median(values) for label, values in times.items()}
 
     full, forward = median["full"], median["no-grad forward"]
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
-        f"\n{args.backbone}, batch {args.batch_size}, {torch.get_num_threads()} threads, CPU, "
+        f"\n{args.backbone}, batch {args.batch_size}, {torch.get_num_threads()} threads, {hardware}, "
         f"medians over {args.rounds} rounds of {args.steps} steps\n"
     )
     print(f"full step {1e3 * full:.1f} ms; no-grad forward {1e3 * forward:.1f} ms\n")

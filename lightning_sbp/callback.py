@@ -23,6 +23,7 @@ from lightning_sbp.schedule import Schedule
 from lightning_sbp.score_cache import ScoreCache
 from lightning_sbp.scoring import (
     LastLayerCapture,
+    cpu_has_fast_kernels,
     find_last_linear,
     has_batch_norm,
     logit_gradients_by_autograd,
@@ -220,9 +221,20 @@ class SelectiveBackprop(Callback):
         self._tracker = GradientErrorTracker() if self.track_grad_error and self._capture is not None else None
         self._min_k = 2 if has_batch_norm(pl_module) else 1
         self.selector.setup(pl_module)
+        self._warn_slow_score_precision(trainer)
         if self.stale_epochs:
             self.score_cache = self._make_score_cache(trainer)
         self._patch(pl_module)
+
+    def _warn_slow_score_precision(self, trainer: pl.Trainer) -> None:
+        dtype = SCORE_DTYPES[self.score_precision]
+        if dtype is None or trainer.strategy.root_device.type != "cpu" or cpu_has_fast_kernels(dtype) is not False:
+            return
+        rank_zero_warn(
+            f"score_precision={self.score_precision!r}: this CPU has no fast {dtype} kernels "
+            f"({torch.backends.cpu.get_cpu_capability()}), so the scoring pass will likely be slower than in "
+            "float32, not faster; low-precision scoring pays off on GPUs and on CPUs with AVX-512 or AMX"
+        )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fix the selective window for this run's length."""

@@ -12,7 +12,14 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-__all__ = ["LastLayerCapture", "find_last_linear", "frozen_running_stats", "has_batch_norm", "scoring_mode"]
+__all__ = [
+    "LastLayerCapture",
+    "cpu_has_fast_kernels",
+    "find_last_linear",
+    "frozen_running_stats",
+    "has_batch_norm",
+    "scoring_mode",
+]
 
 _RUNNING_STATS_NORMS = (_BatchNorm, _InstanceNorm)
 
@@ -20,6 +27,22 @@ _RUNNING_STATS_NORMS = (_BatchNorm, _InstanceNorm)
 def has_batch_norm(model: nn.Module) -> bool:
     """Whether ``model`` holds a batch-norm layer, which needs at least two examples in train mode."""
     return any(isinstance(module, _BatchNorm) for module in model.modules())
+
+
+def cpu_has_fast_kernels(dtype: torch.dtype) -> bool | None:
+    """Whether oneDNN has fast CPU kernels for ``dtype`` on this machine; ``None`` when torch cannot tell.
+
+    Without them (bfloat16 before AVX-512, float16 before AVX-512 FP16 or AMX) the CPU converts to
+    float32 around every operation, and a low-precision forward is several times slower than a
+    float32 one.
+    """
+    probes = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
+    if dtype not in probes:
+        return None
+    try:
+        return bool(getattr(torch.ops.mkldnn, probes[dtype])())
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def find_last_linear(model: nn.Module, name: str | None = None) -> tuple[str, nn.Linear]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ from helpers import Indexed, PlainClassifier, SmallCNN, blobs, loader, trainer
 from torch.utils.data import TensorDataset
 
 from lightning_sbp import SelectiveBackprop
+from lightning_sbp.scoring import cpu_has_fast_kernels
 
 
 @pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("16", torch.float16)])
@@ -22,6 +25,32 @@ def test_score_precision_sets_the_scoring_dtype_only(precision: str, dtype: torc
     assert model.scoring_dtypes == [dtype, dtype]
     assert model.graph_sizes == [8, 8]
     assert model.head.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("fast", [True, False, None], ids=["fast-kernels", "emulated", "unknown"])
+def test_low_precision_scoring_warns_on_a_cpu_without_fast_kernels(
+    monkeypatch: pytest.MonkeyPatch, fast: bool | None
+) -> None:
+    probed: list[torch.dtype] = []
+    monkeypatch.setattr("lightning_sbp.callback.cpu_has_fast_kernels", lambda dtype: probed.append(dtype) or fast)
+    sbp = SelectiveBackprop("topk", keep=0.5, score_precision="16", track_grad_error=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(callbacks=[sbp], max_steps=1).fit(SmallCNN(), loader(blobs(32), 16))
+    slow = [str(w.message) for w in caught if "no fast torch.float16 kernels" in str(w.message)]
+    assert probed == [torch.float16]
+    assert len(slow) == (1 if fast is False else 0), slow
+
+
+def test_cpu_kernel_probe_answers_for_low_precision_dtypes_only() -> None:
+    assert cpu_has_fast_kernels(torch.float32) is None
+    assert cpu_has_fast_kernels(torch.int8) is None
+    if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
+        # oneDNN's bfloat16 and float16 kernels need AVX-512 at least
+        assert cpu_has_fast_kernels(torch.bfloat16) is False
+        assert cpu_has_fast_kernels(torch.float16) is False
+    else:
+        assert cpu_has_fast_kernels(torch.bfloat16) in (True, False, None)
 
 
 def test_score_scale_downscales_what_the_scoring_pass_sees_only() -> None:
