@@ -10,6 +10,7 @@ from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
@@ -261,17 +262,35 @@ class SelectiveBackprop(Callback):
             self._unpatch = None
 
     def state_dict(self) -> dict[str, Any]:
-        """Selector state and the count of examples seen and backpropagated."""
-        return {
+        """Selector state, the score cache and the count of examples seen and backpropagated.
+
+        Under DDP each rank keeps its own (its loss history, the scores of the examples it saw), and
+        Lightning writes rank 0's checkpoint only: the ranks' states are gathered (a collective, as
+        ``Trainer.save_checkpoint`` is called on every rank) and saved as ``{"ranks": [...]}``.
+        """
+        state = {
             "selector": self.selector.state_dict(),
             "examples_seen": self.examples_seen,
             "examples_backpropagated": self.examples_backpropagated,
             "selective_steps": self.selective_steps,
             "score_cache": None if self.score_cache is None else self.score_cache.state_dict(),
         }
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return state
+        ranks: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, state)
+        return {"ranks": ranks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved."""
+        """Restore what :meth:`state_dict` saved; each rank takes its own rank's state.
+
+        A run resumed on a different number of ranks gives rank ``r`` the state of saved rank
+        ``r`` modulo the saved count.
+        """
+        ranks = state_dict.get("ranks")
+        if ranks:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            state_dict = ranks[rank % len(ranks)]
         self.selector.load_state_dict(state_dict.get("selector", {}))
         self.examples_seen = int(state_dict.get("examples_seen", 0))
         self.examples_backpropagated = int(state_dict.get("examples_backpropagated", 0))

@@ -12,6 +12,7 @@ from lightning_sbp.selectors.base import Scores
 __all__ = ["ScoreCache"]
 
 _FIELDS = ("losses", "logits", "logit_grads", "features")
+_NEVER = -(2**31)  # the scored epoch of an example not scored yet
 
 
 class ScoreCache:
@@ -69,13 +70,34 @@ class ScoreCache:
             name: torch.zeros((self.size, *value.shape[1:]), dtype=torch.float32, device=device)
             for name, value in values.items()
         }
-        self.tensors["scored_epoch"] = torch.full((self.size,), -(2**31), dtype=torch.long, device=device)
+        self.tensors["scored_epoch"] = torch.full((self.size,), _NEVER, dtype=torch.long, device=device)
 
     def state_dict(self) -> dict[str, Any]:
-        """The cached tensors on the CPU."""
-        return {"bias": self.bias, "tensors": {name: tensor.cpu() for name, tensor in self.tensors.items()}}
+        """The rows of the examples scored so far, on the CPU: ``{"bias", "indices", "rows"}``."""
+        scored = self.tensors.get("scored_epoch")
+        if scored is None:
+            return {"bias": self.bias, "indices": torch.empty(0, dtype=torch.long), "rows": {}}
+        filled = (scored > _NEVER).nonzero().flatten()
+        rows = {name: tensor[filled].cpu() for name, tensor in self.tensors.items()}
+        return {"bias": self.bias, "indices": filled.cpu(), "rows": rows}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned; tensors move to the data's device at the next lookup."""
+        """Restore what :meth:`state_dict` returned; tensors move to the data's device at the next lookup.
+
+        Raises:
+            ValueError: if the state holds examples beyond this cache's ``size``.
+        """
         self.bias = bool(state.get("bias", True))
-        self.tensors = dict(state.get("tensors", {}))
+        indices = torch.as_tensor(state.get("indices", []), dtype=torch.long)
+        rows: dict[str, Tensor] = dict(state.get("rows", {}))
+        self.tensors = {}
+        if indices.numel() == 0 or "scored_epoch" not in rows:
+            return
+        if int(indices.max()) >= self.size:
+            raise ValueError(
+                f"the saved score cache holds example {int(indices.max())}, beyond this training set of "
+                f"{self.size} examples: the checkpoint was written for other training data"
+            )
+        self._allocate({name: row for name, row in rows.items() if name != "scored_epoch"}, torch.device("cpu"))
+        for name, row in rows.items():
+            self.tensors[name][indices] = row.to(self.tensors[name].dtype)

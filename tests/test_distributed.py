@@ -16,7 +16,7 @@ import pytest
 import torch
 from ddp_models import DDPClassifier, Recorder, SaveAt, ddp_trainer, load_ranks, points, weighted_subset_loss
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sbp import SelectiveBackprop
 
@@ -135,14 +135,24 @@ def test_uneven_last_batches_train_to_the_end(tmp_path: Path, selector: str) -> 
         assert any(set(a["indices"].tolist()) != set(b["indices"].tolist()) for a, b in pairs)
 
 
-def test_resume_inside_the_window_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("selector", "options"),
+    [("random", {}), ("loss", {"stale_epochs": 1})],
+    ids=["random", "loss-history-and-score-cache"],
+)
+def test_resume_inside_the_window_reproduces_the_uninterrupted_run(
+    tmp_path: Path, selector: str, options: dict[str, Any]
+) -> None:
+    # random: per-rank draws; loss: each rank's own loss history and score cache come back from the checkpoint
+    indexed = TensorDataset(*points(128).tensors, torch.arange(128))
+
     def run(out: Path, ckpt_path: str | None) -> Records:
         out.mkdir()
         torch.manual_seed(0)
-        sbp = SelectiveBackprop("random", keep=0.25, start=0.1, end=0.9, seed=7)
+        sbp = SelectiveBackprop(selector, keep=0.25, start=0.1, end=0.9, seed=7, **options)
         callbacks = [sbp, Recorder(str(out)), SaveAt(str(tmp_path / "mid.ckpt"), step=4)]
         ddp_trainer(out, callbacks=callbacks, max_epochs=3).fit(
-            DDPClassifier(), DataLoader(points(128), batch_size=16, shuffle=True), ckpt_path=ckpt_path
+            DDPClassifier(), DataLoader(indexed, batch_size=16, shuffle=True), ckpt_path=ckpt_path
         )
         return load_ranks(out)
 

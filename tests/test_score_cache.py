@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lightning_sbp.score_cache import ScoreCache
@@ -29,3 +30,30 @@ def test_cache_state_round_trips() -> None:
     restored.load_state_dict(cache.state_dict())
     hit = restored.lookup(torch.tensor([3, 0]), epoch=5)
     assert hit is not None and hit.losses.tolist() == [1.5, 0.5]
+
+
+def test_cache_state_holds_the_scored_examples_only() -> None:
+    cache = ScoreCache(size=1000, stale_epochs=1)
+    assert cache.state_dict()["indices"].numel() == 0
+    cache.store(torch.tensor([999, 3]), scores([0.5, 1.5]), epoch=2)
+    state = cache.state_dict()
+    assert state["indices"].tolist() == [3, 999]
+    assert {name: tuple(row.shape) for name, row in state["rows"].items()} == {
+        "losses": (2,),
+        "features": (2, 3),
+        "logit_grads": (2, 1),
+        "scored_epoch": (2,),
+    }
+    restored = ScoreCache(size=1000, stale_epochs=1)
+    restored.load_state_dict(state)
+    assert restored.lookup(torch.tensor([3, 4]), epoch=2) is None, "an example never scored stays a miss"
+    hit = restored.lookup(torch.tensor([999]), epoch=3)
+    assert hit is not None and hit.features is not None and hit.features.tolist() == [[0.5] * 3]
+    assert restored.lookup(torch.tensor([999]), epoch=4) is None, "the saved epoch keeps its age"
+
+
+def test_a_cache_state_from_a_larger_training_set_is_refused() -> None:
+    cache = ScoreCache(size=10, stale_epochs=1)
+    cache.store(torch.tensor([9]), scores([1.0]), epoch=0)
+    with pytest.raises(ValueError, match="holds example 9, beyond this training set of 5 examples"):
+        ScoreCache(size=5, stale_epochs=1).load_state_dict(cache.state_dict())
