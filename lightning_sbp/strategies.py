@@ -50,10 +50,14 @@ def check_private_parameters(strategy: Strategy, module: nn.Module) -> None:
     ranks started with ``"forkserver"``: there every rank's optimiser step writes the same CPU
     weights, racing the others, and training is silently wrong with or without Selective Backprop.
 
+    Ranks on GPUs are not concerned: the strategy moves the module to each rank's device, which
+    gives every rank its own copy.
+
     Raises:
-        ValueError: when a CPU parameter is in shared memory and there is more than one rank.
+        ValueError: when the ranks train on the CPU, there is more than one, and a parameter is in
+            shared memory.
     """
-    if getattr(strategy, "world_size", 1) <= 1:
+    if getattr(strategy, "world_size", 1) <= 1 or strategy.root_device.type != "cpu":
         return
     shared = [name for name, p in module.named_parameters() if p.device.type == "cpu" and p.is_shared()]
     if shared:

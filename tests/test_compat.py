@@ -296,15 +296,20 @@ def test_an_untested_strategy_is_served_with_a_warning() -> None:
 
 
 class Ranks(DDPStrategy):
-    """A DDP strategy as far as setup can tell, with a fixed number of ranks and no processes."""
+    """A DDP strategy as far as setup can tell, with a fixed number of ranks on one kind of device and no processes."""
 
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, device: str = "cpu") -> None:
         super().__init__()
         self._world_size = world_size
+        self._device = torch.device(device)
 
     @property
     def world_size(self) -> int:
         return self._world_size
+
+    @property
+    def root_device(self) -> torch.device:
+        return self._device
 
 
 def test_ranks_that_share_one_copy_of_the_cpu_parameters_are_refused_at_setup() -> None:
@@ -313,9 +318,11 @@ def test_ranks_that_share_one_copy_of_the_cpu_parameters_are_refused_at_setup() 
     sbp = SelectiveBackprop("random")
     with pytest.raises(ValueError, match=r"1 parameters of DDPClassifier \(first: 'head.weight'\) are in memory"):
         sbp.setup(SimpleNamespace(strategy=Ranks(2)), model, "fit")  # type: ignore[arg-type]
-    # one process may keep its weights in shared memory; so may ranks once each holds its own copy
-    sbp.setup(SimpleNamespace(strategy=Ranks(1)), model, "fit")  # type: ignore[arg-type]
-    sbp.teardown(None, model, "fit")  # type: ignore[arg-type]
+    # one process may keep its weights in shared memory; so may GPU ranks, which each move the module to their device
+    for alone in (Ranks(1), Ranks(2, device="cuda")):
+        sbp.setup(SimpleNamespace(strategy=alone), model, "fit")  # type: ignore[arg-type]
+        sbp.teardown(None, model, "fit")  # type: ignore[arg-type]
+    # and CPU ranks once each holds its own copy
     model.head.weight.data = model.head.weight.data.clone()
     sbp.setup(SimpleNamespace(strategy=Ranks(2)), model, "fit")  # type: ignore[arg-type]
     sbp.teardown(None, model, "fit")  # type: ignore[arg-type]
