@@ -21,7 +21,7 @@ from lightning_sbp.functional.batch import batch_size, example_indices, index_ba
 from lightning_sbp.functional.resize import downscale
 from lightning_sbp.mixin import SelectiveBackpropMixin, default_forward
 from lightning_sbp.schedule import Schedule
-from lightning_sbp.score_cache import ScoreCache
+from lightning_sbp.score_cache import ScoreCache, gather_scores
 from lightning_sbp.scoring import (
     LastLayerCapture,
     cpu_has_fast_kernels,
@@ -262,31 +262,35 @@ class SelectiveBackprop(Callback):
             self._unpatch = None
 
     def state_dict(self) -> dict[str, Any]:
-        """Selector state, the score cache and the count of examples seen and backpropagated.
+        """Selector state, the count of examples seen and backpropagated, and the score cache.
 
-        Under DDP each rank keeps its own (its loss history, the scores of the examples it saw), and
-        Lightning writes rank 0's checkpoint only: the ranks' states are gathered (a collective, as
-        ``Trainer.save_checkpoint`` is called on every rank) and saved as ``{"ranks": [...]}``.
+        Under DDP each rank keeps its own selector state and counts (the loss history of ``loss``)
+        and Lightning writes rank 0's checkpoint only: they are gathered (a collective, as
+        ``Trainer.save_checkpoint`` is called on every rank) and saved as ``{"ranks": [...]}``. The
+        score cache holds every rank's scores on every rank, so rank 0's is saved.
         """
-        state = {
+        state: dict[str, Any] = {
             "selector": self.selector.state_dict(),
             "examples_seen": self.examples_seen,
             "examples_backpropagated": self.examples_backpropagated,
             "selective_steps": self.selective_steps,
-            "score_cache": None if self.score_cache is None else self.score_cache.state_dict(),
         }
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return state
-        ranks: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, state)
-        return {"ranks": ranks}
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ranks: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, state)
+            state = {"ranks": ranks}
+        state["score_cache"] = None if self.score_cache is None else self.score_cache.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved; each rank takes its own rank's state.
+        """Restore what :meth:`state_dict` saved; under DDP each rank takes its own selector state and counts.
 
         A run resumed on a different number of ranks gives rank ``r`` the state of saved rank
         ``r`` modulo the saved count.
         """
+        self._cache_state = state_dict.get("score_cache")
+        if self.score_cache is not None and self._cache_state is not None:
+            self.score_cache.load_state_dict(self._cache_state)
         ranks = state_dict.get("ranks")
         if ranks:
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -295,9 +299,6 @@ class SelectiveBackprop(Callback):
         self.examples_seen = int(state_dict.get("examples_seen", 0))
         self.examples_backpropagated = int(state_dict.get("examples_backpropagated", 0))
         self.selective_steps = int(state_dict.get("selective_steps", 0))
-        self._cache_state = state_dict.get("score_cache")
-        if self.score_cache is not None and self._cache_state is not None:
-            self.score_cache.load_state_dict(self._cache_state)
 
     # ------------------------------------------------------------------ batch hooks a subclass can override
 
@@ -501,7 +502,9 @@ class SelectiveBackprop(Callback):
         with torch.autocast(pl_module.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
             scores = self._score(pl_module, scaled)
         if cache is not None and indices is not None:
-            cache.store(indices, scores, epoch)
+            # Every rank caches every rank's scores: each sees other examples in every epoch.
+            shared = gather_scores(indices, scores) if pl_module.trainer.world_size > 1 else (indices, scores)
+            cache.store(*shared, epoch)
         return scores, cheap
 
     def _score(self, pl_module: pl.LightningModule, batch: Any) -> Scores:

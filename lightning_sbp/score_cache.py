@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_sbp.selectors.base import Scores
 
-__all__ = ["ScoreCache"]
+__all__ = ["ScoreCache", "gather_scores"]
 
 _FIELDS = ("losses", "logits", "logit_grads", "features")
 _NEVER = -(2**31)  # the scored epoch of an example not scored yet
@@ -101,3 +104,43 @@ class ScoreCache:
         self._allocate({name: row for name, row in rows.items() if name != "scored_epoch"}, torch.device("cpu"))
         for name, row in rows.items():
             self.tensors[name][indices] = row.to(self.tensors[name].dtype)
+
+
+def gather_scores(indices: Tensor, scores: Scores) -> tuple[Tensor, Scores]:
+    """The example indices and scores of every rank's batch, in rank order: a collective.
+
+    Under DDP each rank sees other examples in every epoch; storing every rank's scores in every
+    rank's cache is what lets a batch find all of its examples fresh. Ranks may score batches of
+    different sizes: the sizes are gathered first and read on the host, then the rows, padded to
+    the largest batch, in one gather for the indices and one for all score columns.
+
+    Args:
+        indices: this rank's example indices, shape ``[N]``.
+        scores: this rank's scores of those examples.
+
+    Returns:
+        The indices ``[M]`` and scores of all ranks' examples, ``M`` the sum of the batch sizes;
+        the score fields are float32 and those this rank's scores hold.
+    """
+    fields = {name: getattr(scores, name) for name in _FIELDS if getattr(scores, name) is not None}
+    widths = [math.prod(value.shape[1:]) for value in fields.values()]
+    columns = torch.cat([value.float().reshape(len(value), -1) for value in fields.values()], dim=1)
+    size = torch.tensor([len(indices)], device=indices.device)
+    sizes = [torch.empty_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    counts = torch.cat(sizes).tolist()
+    all_indices = _gather_rows(indices, counts)
+    parts = _gather_rows(columns, counts).split(widths, dim=1)
+    values = {
+        name: part.reshape(-1, *value.shape[1:]) for (name, value), part in zip(fields.items(), parts, strict=True)
+    }
+    return all_indices, Scores(bias=scores.bias, **values)
+
+
+def _gather_rows(rows: Tensor, counts: list[int]) -> Tensor:
+    """Every rank's ``rows``, ``counts[r]`` of them on rank ``r``, concatenated in rank order."""
+    most = max(counts)
+    padded = F.pad(rows, (0, 0) * (rows.dim() - 1) + (0, most - len(rows)))
+    every = [padded.new_empty(padded.shape) for _ in counts]
+    dist.all_gather(every, padded)
+    return torch.cat([ranked[:count] for ranked, count in zip(every, counts, strict=True)])

@@ -25,6 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sbp import SelectiveBackprop, SelectiveBackpropMixin
+from lightning_sbp.selectors import Scores
 
 FEATURES = 8
 CLASSES = 3
@@ -292,4 +293,29 @@ def reduce_worker(rank: int, world: int, port: int, out: str) -> None:
     for seed in [0, 1] if rank == 0 else [2]:
         metric.update(random_gram(6, seed), torch.tensor([1, 2]), torch.ones(2, dtype=torch.float64))
     torch.save(metric.compute(), Path(out) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def rank_scores(rank: int) -> tuple[Tensor, Scores]:
+    """Rank ``r``'s batch for the score-gathering test: ``3 + 2r`` examples with every kind of score."""
+    generator = torch.Generator().manual_seed(rank)
+    n = 3 + 2 * rank
+    indices = torch.randperm(20, generator=generator)[:n]
+    scores = Scores(
+        losses=torch.rand(n, generator=generator),
+        logits=torch.randn(n, CLASSES, generator=generator).bfloat16(),
+        logit_grads=torch.randn(n, CLASSES, generator=generator),
+        features=torch.randn(n, 2, 4, generator=generator),
+        bias=False,
+    )
+    return indices, scores
+
+
+def gather_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Each rank gathers every rank's :func:`rank_scores` and saves what it got."""
+    from lightning_sbp.score_cache import gather_scores
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.save(gather_scores(*rank_scores(rank)), Path(out) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()

@@ -174,3 +174,21 @@ def test_resume_inside_the_window_reproduces_the_uninterrupted_run(
         (a, b) for a, b in zip(resumed[0]["steps"], resumed[1]["steps"], strict=True) if a["indices"] is not None
     ]
     assert any(not torch.equal(a["indices"], b["indices"]) for a, b in selective), "ranks draw differently"
+
+
+def test_stale_scores_are_shared_so_every_rank_skips_scoring_in_the_next_epoch(tmp_path: Path) -> None:
+    # Each epoch the sampler deals each rank another half of the data: a rank's next-epoch batches hold
+    # examples the other rank scored, so only a cache of every rank's scores can skip their forward.
+    torch.manual_seed(0)
+    sbp = SelectiveBackprop("loss", keep=0.25, stale_epochs=1, track_grad_error=False)
+    indexed = TensorDataset(*points(128).tensors, torch.arange(128))
+    ddp_trainer(tmp_path, callbacks=[sbp, Recorder(str(tmp_path))], max_epochs=3).fit(
+        DDPClassifier(), DataLoader(indexed, batch_size=16, shuffle=True)
+    )
+    ranks = load_ranks(tmp_path)
+    for rank in ranks:
+        scoring = [[n for with_graph, n in s["forwards"] if not with_graph] for s in rank["steps"]]
+        assert scoring == [[16]] * 4 + [[]] * 4 + [[16]] * 4, "epochs 0 and 2 score, epoch 1 reuses"
+    seen = [{int(i) for s in rank["steps"][:4] for i in s["batch"][2]} for rank in ranks]
+    first_in_epoch_1 = {int(i) for i in ranks[0]["steps"][4]["batch"][2]}
+    assert first_in_epoch_1 & seen[1] - seen[0], "rank 0 reused scores that rank 1 computed"

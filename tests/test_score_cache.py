@@ -1,5 +1,10 @@
+import socket
+from pathlib import Path
+
 import pytest
 import torch
+import torch.multiprocessing as mp
+from ddp_models import START_METHOD, gather_worker, rank_scores
 
 from lightning_sbp.score_cache import ScoreCache
 from lightning_sbp.selectors import Scores
@@ -57,3 +62,19 @@ def test_a_cache_state_from_a_larger_training_set_is_refused() -> None:
     cache.store(torch.tensor([9]), scores([1.0]), epoch=0)
     with pytest.raises(ValueError, match="holds example 9, beyond this training set of 5 examples"):
         ScoreCache(size=5, stale_epochs=1).load_state_dict(cache.state_dict())
+
+
+def test_gather_scores_concatenates_every_ranks_batch_in_rank_order(tmp_path: Path) -> None:
+    # Rank 0 holds 3 examples and rank 1 holds 5: the gather pads and trims.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(gather_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method=START_METHOD)
+    batches = [rank_scores(rank) for rank in range(2)]
+    for rank in range(2):
+        indices, gathered = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert torch.equal(indices, torch.cat([batch_indices for batch_indices, _ in batches]))
+        for name in ("losses", "logits", "logit_grads", "features"):
+            expected = torch.cat([getattr(scores, name).float() for _, scores in batches])
+            assert torch.equal(getattr(gathered, name), expected), name
+        assert gathered.bias is False
