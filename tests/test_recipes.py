@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import trainer as quiet_trainer
 from torch import nn
 
 from lightning_sbp.recipes import (
@@ -43,16 +44,10 @@ def one_step(model: pl.LightningModule, datamodule: pl.LightningDataModule, tmp_
     """Fit on one training batch and one validation batch, and check that the weights moved."""
     recorder = BatchRecorder()
     before = [p.detach().clone() for p in model.parameters()]
-    trainer = pl.Trainer(
-        max_epochs=1,
+    trainer = quiet_trainer(
         limit_train_batches=1,
         limit_val_batches=1,
         num_sanity_val_steps=0,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=tmp_path,
         callbacks=[recorder],
     )
@@ -266,15 +261,7 @@ def test_digits_upsampling_and_seeded_split() -> None:
 def test_digits_recipe_learns_and_tests_on_its_validation_split(tmp_path: Path) -> None:
     pl.seed_everything(0)
     model = ImageClassifier(backbone="mlp", in_channels=1, lr=0.1)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(default_root_dir=tmp_path)
     trainer.fit(model, DigitsDataModule(batch_size=64))
     val_acc = float(trainer.callback_metrics["val/acc"])
     assert val_acc > 0.5  # 10 classes; the five epochs of the example configs reach about 0.99
