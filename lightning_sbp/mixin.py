@@ -21,6 +21,10 @@ class SelectiveBackpropMixin:
     classifier step built from them; a module that writes its own ``training_step`` reduces its
     per-example losses with :meth:`sbp_reduce` so that the selection weights are applied.
 
+    The mixin never replaces a ``training_step`` that the module or another base class defines,
+    whatever the order of the bases: its own is used only when no other class of the module's
+    MRO (``LightningModule`` aside) has one.
+
     Override :meth:`sbp_forward` for batches that are not ``(inputs, targets, ...)`` tuples or
     dicts holding a ``labels`` key, and :meth:`sbp_loss` for another per-example loss.
 
@@ -38,6 +42,12 @@ class SelectiveBackpropMixin:
 
     _sbp_weights: Tensor | None = None
     _sbp_reduced: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        step = _chosen_training_step(cls)
+        if step is not getattr(cls, "training_step", None):
+            cls.training_step = step  # type: ignore[method-assign]
 
     def sbp_forward(self, batch: Any) -> tuple[Tensor, Tensor]:
         """Logits and targets of a batch.
@@ -77,3 +87,23 @@ class SelectiveBackpropMixin:
         loss = self.sbp_reduce(self.sbp_loss(logits, targets))
         self.log("train/loss", loss, prog_bar=True)  # type: ignore[attr-defined]
         return loss
+
+
+def _chosen_training_step(cls: type) -> Any:
+    """The ``training_step`` a class with the mixin runs.
+
+    The first one a class of its MRO defines, skipping the mixin's own and the placeholder of
+    ``LightningModule``; the mixin's when no other class has one.
+    """
+    for klass in cls.__mro__:
+        if klass is SelectiveBackpropMixin or _is_lightning_module(klass):
+            continue
+        if "training_step" in vars(klass):
+            return vars(klass)["training_step"]
+    return SelectiveBackpropMixin.training_step
+
+
+def _is_lightning_module(klass: type) -> bool:
+    """Whether ``klass`` is Lightning's ``LightningModule`` itself, under either package name."""
+    package = klass.__module__.split(".")[0]
+    return klass.__qualname__ == "LightningModule" and package in {"lightning", "pytorch_lightning"}
