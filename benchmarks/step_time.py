@@ -8,7 +8,9 @@ interleaved round by round and each row reports the median step time.
 The ideal speedup of a configuration is ``T_full(N) / (T_no_grad_forward(N) + T_full(k))``:
 the unavoidable work of scoring every example at full precision and then training on ``k`` of
 them, measured in the same run. ``ratio`` is the achieved speedup over the ideal one; a cheaper
-scoring pass (bf16, downscaled inputs, stale scores) can take it above 1.
+scoring pass (bf16, downscaled inputs, stale scores) can take it above 1. Random selection with
+tracking off reads no score and runs no scoring pass (the ``no scoring pass`` row): its ideal is
+``T_full(N) / T_full(k)``.
 
 The ``peer`` row trains the same model with the loss-based selection that Composer documents for
 its ``select_using_loss``: a forward over the whole batch without a graph in train mode, loss
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_sbp import SelectiveBackprop, available_selectors
+from lightning_sbp import SelectiveBackprop, available_selectors, get_selector
 from lightning_sbp.functional import subset_size
 from lightning_sbp.recipes import ImageClassifier
 from lightning_sbp.scoring import has_batch_norm, scoring_mode
@@ -113,6 +115,8 @@ class Row:
     model: str = "shared"
     epochs: int = 1
     timed_from_epoch: int = 0
+    scored: bool = True
+    untracked: str | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -127,8 +131,11 @@ def build_rows(batch: int, keeps: list[float], selectors: list[str], minimum: in
     rows += [Row(f"full k={k}", k) for k in sorted({subset_size(keep, batch, minimum) for keep in keeps})]
     for keep in keeps:
         for name in selectors:
-            rows.append(Row(f"{name} keep={keep}", batch, keep, sbp(name, keep, track_grad_error=False)))
-            rows.append(Row(f"{name} keep={keep} +grad_error", batch, keep, sbp(name, keep)))
+            # Random selection reads no score: with tracking off its steps run no scoring pass at all.
+            scored = get_selector(name).needs_scores
+            label = f"{name} keep={keep}" + ("" if scored else " no scoring pass")
+            rows.append(Row(label, batch, keep, sbp(name, keep, track_grad_error=False), scored=scored))
+            rows.append(Row(f"{name} keep={keep} +grad_error", batch, keep, sbp(name, keep), untracked=label))
     if extras:
         keep = min(keeps)
         quiet = {"track_grad_error": False}
@@ -238,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         if row.keep is None:
             continue
         k = subset_size(row.keep, args.batch_size, 2 if has_batch_norm(models["shared"]) else 1)
-        ideal = full / (forward + median[f"full k={k}"])
+        ideal = full / ((forward if row.scored else 0.0) + median[f"full k={k}"])
         speedup = full / median[row.label]
         print(
             f"| {row.label} | {1e3 * median[row.label]:.1f} | {speedup:.2f}× | {ideal:.2f}× | {speedup / ideal:.2f} |"
@@ -246,9 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     print("\n| configuration | cost of grad-error tracking |")
     print("|---|---:|")
     for row in rows:
-        if row.label.endswith(" +grad_error"):
-            base = row.label.removesuffix(" +grad_error")
-            print(f"| {base} | {100 * (median[row.label] / median[base] - 1):+.1f}% |")
+        if row.untracked is not None:
+            print(f"| {row.untracked} | {100 * (median[row.label] / median[row.untracked] - 1):+.1f}% |")
 
 
 if __name__ == "__main__":

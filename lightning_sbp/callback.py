@@ -151,6 +151,7 @@ class SelectiveBackprop(BatchAdapter, Callback):
         self.last_selection: Selection | None = None
         self._tracker: GradientErrorTracker | None = None
         self._min_k = 1
+        self._scoring = True
         self._total_steps: float = float("inf")
         self._unpatch: Callable[[], None] | None = None
         self._cache_state: dict[str, Any] | None = None
@@ -194,6 +195,8 @@ class SelectiveBackprop(BatchAdapter, Callback):
         self.scorer.setup(trainer, pl_module, self.selector.needs_last_layer, self.track_grad_error)
         track = self.track_grad_error and self.scorer.capture is not None
         self._tracker = GradientErrorTracker() if track else None
+        # Random selection with tracking off reads no score: its steps skip the scoring pass.
+        self._scoring = self.selector.needs_scores or self._tracker is not None
         self._min_k = 2 if has_batch_norm(pl_module) else 1
         self.selector.setup(pl_module)
         self._patch(pl_module)
@@ -291,9 +294,9 @@ class SelectiveBackprop(BatchAdapter, Callback):
             return original(*args, **kwargs)
 
         started = time.perf_counter()
-        scores, cheap = self._scores(pl_module, batch)
+        scores, cheap = self._scores(pl_module, batch) if self._scoring else (None, True)
         scored = time.perf_counter()
-        selection = self._select(trainer, scores, k)
+        selection = self._select(trainer, scores or unscored(size, pl_module.device), k)
         selected = time.perf_counter()
         self.last_selection = selection
 
@@ -303,7 +306,7 @@ class SelectiveBackprop(BatchAdapter, Callback):
         call_args = (subset, *rest) if args else ()
         call_kwargs = kwargs if args else {**kwargs, "batch": subset}
         output = self._subset_step(pl_module, original, selection, call_args, call_kwargs)
-        self.step_log.selective_step(pl_module, scores, selection, (started, scored, selected), values)
+        self.step_log.selective_step(pl_module, size, selection, scores, (started, scored, selected), values)
         return output
 
     def _scores(self, pl_module: pl.LightningModule, batch: Any) -> tuple[Scores, bool]:
@@ -372,3 +375,8 @@ class SelectiveBackprop(BatchAdapter, Callback):
             self.seed, trainer.global_rank, trainer.global_step, batch_in_epoch, scores.losses.device
         )
         return self.selector.select(scores, k, generator)
+
+
+def unscored(size: int, device: torch.device) -> Scores:
+    """What a selector that reads no score sees of a batch of ``size`` examples: its size and device."""
+    return Scores(losses=torch.full((size,), torch.nan, device=device))

@@ -61,8 +61,9 @@ class StepLog:
     def selective_step(
         self,
         pl_module: pl.LightningModule,
-        scores: Scores,
+        size: int,
         selection: Selection,
+        scores: Scores | None,
         timings: tuple[float, float, float],
         values: dict[str, Any],
     ) -> None:
@@ -70,29 +71,33 @@ class StepLog:
 
         Args:
             pl_module: the module that logs.
-            scores: the scores the selection was made from.
-            selection: the subset trained on.
+            size: the number of examples in the batch.
+            selection: the subset trained on; its ``stats`` are logged as ``sbp/<key>``.
+            scores: the scores the selection was made from; ``None`` when the step ran no scoring pass.
             timings: ``time.perf_counter()`` before scoring, after scoring and after selecting.
             values: further step values to log with these (the gradient errors).
         """
-        size, k = scores.size, int(selection.indices.shape[0])
-        self._watch_nonfinite(scores.losses)
+        k = int(selection.indices.shape[0])
+        if scores is not None:
+            self._watch_nonfinite(scores.losses)
         self._count(size, k)
         self.selective_steps += 1
         if not loggers_write_this_step(pl_module.trainer):
             return
         started, scored, selected = timings
-        finite = torch.isfinite(scores.losses)
-        kept = finite[selection.indices]
         values = {
             **values,
+            **{f"sbp/{key}": value for key, value in selection.stats.items()},
             "sbp/active": 1.0,
             "sbp/k": float(k),
-            "sbp/full_loss": scores.losses.where(finite, torch.nan).nanmean(),
-            "sbp/selected_loss": scores.losses[selection.indices].where(kept, torch.nan).nanmean(),
             "sbp/score_ms": 1e3 * (scored - started),
             "sbp/select_ms": 1e3 * (selected - scored),
         }
+        if scores is not None:
+            finite = torch.isfinite(scores.losses)
+            kept = finite[selection.indices]
+            values["sbp/full_loss"] = scores.losses.where(finite, torch.nan).nanmean()
+            values["sbp/selected_loss"] = scores.losses[selection.indices].where(kept, torch.nan).nanmean()
         self._log(pl_module, values, size)
 
     def warn_nonfinite(self, trainer: pl.Trainer | None = None) -> None:

@@ -313,3 +313,38 @@ def test_the_private_lightning_attribute_behind_step_logging_still_exists() -> N
     data = TensorDataset(torch.randn(64, 16), torch.randint(3, (64,)))
     trainer(callbacks=[Probe()], log_every_n_steps=3, max_steps=6).fit(PlainClassifier(), loader(data, 8))
     assert answers == [False, False, True, False, False, True]
+
+
+def test_random_selection_without_tracking_runs_no_scoring_pass_on_either_path() -> None:
+    model = SmallCNN()
+    trainer(callbacks=[SelectiveBackprop("random", keep=0.25, track_grad_error=False)], max_steps=2).fit(
+        model, loader(blobs(64), 32)
+    )
+    assert model.scoring_shapes == [], "no forward without a graph"
+    assert model.graph_sizes == [8, 8] and model.backward_sizes == [8, 8]
+
+    forwards: list[bool] = []
+
+    class Counting(PlainClassifier):
+        def forward(self, x: Tensor) -> Tensor:
+            forwards.append(torch.is_grad_enabled())
+            return super().forward(x)
+
+    plain = Counting()
+    data = TensorDataset(torch.randn(64, 16), torch.randint(3, (64,)))
+    trainer(callbacks=[SelectiveBackprop("random", keep=0.25, track_grad_error=False)]).fit(plain, loader(data, 16))
+    assert forwards == [True] * 4 and plain.seen == [4] * 4
+
+
+def test_a_selections_stats_are_logged_under_sbp() -> None:
+    reported: list[Tensor] = []
+
+    class WithStats(Selector):
+        def select(self, scores: Scores, k: int, generator: torch.Generator) -> Selection:
+            reported.append(scores.losses[1:].max())
+            return Selection(torch.arange(k), torch.ones(k), stats={"rest_max_loss": reported[-1]})
+
+    model = SmallCNN(lr=0.0)
+    t = trainer(callbacks=[SelectiveBackprop(WithStats(), keep=0.5)], max_steps=1, log_every_n_steps=1)
+    t.fit(model, loader(blobs(16), 16))
+    assert t.callback_metrics["sbp/rest_max_loss"] == reported[0]

@@ -22,10 +22,13 @@ class Selection:
         indices: ``long`` tensor of shape ``[k]`` with distinct row indices into the batch.
         weights: float tensor of shape ``[k]`` in example units: all ones for a uniform subset;
             weighted selectors normalise them to sum to ``k``.
+        stats: scalar tensors the selector reports about this selection (for example statistics
+            of its weights), logged as ``sbp/<key>`` on the steps the loggers write.
     """
 
     indices: Tensor
     weights: Tensor
+    stats: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
     def uniform(cls, indices: Tensor) -> Selection:
@@ -101,12 +104,17 @@ class Selector(ABC):
     (a loss history) override :meth:`state_dict` and :meth:`load_state_dict`.
 
     Attributes:
+        needs_scores: whether :meth:`select` reads any score. A selector that reads only
+            ``scores.size`` and the device of ``scores.losses`` (random selection) sets it to
+            ``False``: with nothing else reading the scores, the step skips the scoring pass and
+            hands it scores whose losses are NaN.
         needs_last_layer: whether :meth:`select` reads ``scores.features`` and ``scores.logit_grads``,
             so that the scoring pass captures them only when something needs them.
         weighted: whether the selection can carry non-uniform weights, which only a module with
             :class:`~lightning_sbp.SelectiveBackpropMixin` can apply.
     """
 
+    needs_scores: ClassVar[bool] = True
     needs_last_layer: ClassVar[bool] = False
     weighted: ClassVar[bool] = False
 

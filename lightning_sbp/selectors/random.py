@@ -15,8 +15,11 @@ class RandomSelector(Selector):
     """k examples drawn uniformly without replacement, all weighing one.
 
     In expectation its subset gradient is the full-batch gradient; it is what a smaller batch
-    would give, which is why arXiv 2312.05021 finds it so hard to beat.
+    would give, which is why arXiv 2312.05021 finds it so hard to beat. It reads no score, so
+    with gradient-error tracking off a step runs no scoring pass.
     """
+
+    needs_scores = False
 
     def select(self, scores: Scores, k: int, generator: torch.Generator) -> Selection:
         """Draw ``k`` of the ``N`` examples uniformly without replacement."""
