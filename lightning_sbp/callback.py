@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_sbp.batches import BatchAdapter
 from lightning_sbp.distributed import check_private_parameters, check_strategy, gather_rank_states, own_rank_state
@@ -152,6 +153,8 @@ class SelectiveBackprop(BatchAdapter, Callback):
         self._tracker: GradientErrorTracker | None = None
         self._min_k = 1
         self._scoring = True
+        self._reported_small_batch = False
+        self._largest_batch = 0
         self._total_steps: float = float("inf")
         self._unpatch: Callable[[], None] | None = None
         self._cache_state: dict[str, Any] | None = None
@@ -207,6 +210,8 @@ class SelectiveBackprop(BatchAdapter, Callback):
         self.schedule.window(self._total_steps)
         if self._tracker is not None:
             self._tracker.to(pl_module.device)
+        self._reported_small_batch = False
+        self._largest_batch = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Size the stale-score cache for the training set, now that the fit loop has set up its data."""
@@ -230,6 +235,10 @@ class SelectiveBackprop(BatchAdapter, Callback):
         if self._unpatch is not None:
             self._unpatch()
             self._unpatch = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Give the module its own ``training_step`` back when the fit raises or is interrupted."""
+        self.teardown(trainer, pl_module, "fit")
 
     def state_dict(self) -> dict[str, Any]:
         """Selector state, the count of examples seen and backpropagated, and the score cache.
@@ -289,7 +298,11 @@ class SelectiveBackprop(BatchAdapter, Callback):
         k = subset_size(self.keep, size, self._min_k)
         # Under DDP a rank whose batch is too small to select from still scores and trains on all of it, so that
         # every rank runs the same forward passes (and the collectives in them, as in SyncBatchNorm).
-        if not self.is_selective_step(trainer.global_step) or (k >= size and trainer.world_size == 1):
+        selective = self.is_selective_step(trainer.global_step)
+        if selective and k >= size:
+            self._report_small_batch(trainer, size, k)
+        self._largest_batch = max(self._largest_batch, size)
+        if not selective or (k >= size and trainer.world_size == 1):
             self.step_log.full_step(pl_module, size)
             return original(*args, **kwargs)
 
@@ -308,6 +321,17 @@ class SelectiveBackprop(BatchAdapter, Callback):
         output = self._subset_step(pl_module, original, selection, call_args, call_kwargs)
         self.step_log.selective_step(pl_module, size, selection, scores, (started, scored, selected), values)
         return output
+
+    def _report_small_batch(self, trainer: pl.Trainer, size: int, k: int) -> None:
+        """Warn, once per fit, that a batch was too small to select from; not for a DDP rank's short last batch."""
+        if self._reported_small_batch or (trainer.world_size > 1 and size < self._largest_batch):
+            return
+        self._reported_small_batch = True
+        rank_zero_warn(
+            f"SelectiveBackprop cannot select from a batch of {size} examples with keep={self.keep}: k = {k} "
+            f"(floor(keep * N), at least {self._min_k}) keeps every example, so such steps train on the whole "
+            "batch. Use larger batches or a smaller keep."
+        )
 
     def _scores(self, pl_module: pl.LightningModule, batch: Any) -> tuple[Scores, bool]:
         """The batch's scores as the options make them (cached, rescaled, lower precision), and whether they are."""

@@ -23,6 +23,7 @@ from lightning_sbp.selectors.base import Scores
 
 __all__ = [
     "SCORE_DTYPES",
+    "BufferGuard",
     "Forward",
     "LastLayerCapture",
     "LossFn",
@@ -34,6 +35,7 @@ __all__ = [
     "frozen_running_stats",
     "has_batch_norm",
     "scoring_mode",
+    "untouched_rng",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -124,6 +126,83 @@ def scoring_mode(model: nn.Module, mode: str) -> Iterator[None]:
     else:
         with torch.no_grad(), frozen_running_stats(model):
             yield
+
+
+@contextmanager
+def untouched_rng(device: torch.device) -> Iterator[None]:
+    """The global CPU random stream, and that of ``device`` when it is a GPU, are as before after the block.
+
+    Dropout in the scoring pass would otherwise advance them, and a sampler without its own
+    generator would then shuffle the next epochs differently from a run without Selective Backprop.
+    """
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+class BufferGuard:
+    """Puts back every module buffer a forward pass changed, copying only those that change.
+
+    The first pass it guards copies every buffer and learns which ones the forward changes (an
+    in-place update bumps a tensor's version counter; a reassigned buffer is another object);
+    later passes copy only those. Normalisation layers are left to :func:`frozen_running_stats`,
+    which keeps them from updating at all. A buffer that starts changing only later is restored
+    from then on, with a warning for the pass that changed it first.
+    """
+
+    def __init__(self) -> None:
+        self._changing: set[tuple[int, str]] | None = None
+        self._warned = False
+
+    @contextmanager
+    def untouched(self, model: nn.Module) -> Iterator[None]:
+        """Restore, on exit, every buffer of ``model`` that the block changed."""
+        entries = [
+            (module, name, buffer)
+            for module in model.modules()
+            for name, buffer in module._buffers.items()
+            if buffer is not None
+        ]
+        versions = [buffer._version for _, _, buffer in entries]
+        changing = self._changing
+        saved = {
+            (id(module), name): buffer.clone()
+            for module, name, buffer in entries
+            if changing is None or (id(module), name) in changing
+        }
+        try:
+            yield
+        finally:
+            changed, lost = self._restore(entries, versions, saved)
+            self._changing = changed if changing is None else changing | changed
+            if lost and not self._warned:
+                self._warned = True
+                rank_zero_warn(
+                    f"the scoring pass changed the buffers {', '.join(lost)}, which had not changed in earlier scoring "
+                    "passes, so this once they keep the change; they are restored from now on"
+                )
+
+    @staticmethod
+    def _restore(
+        entries: list[tuple[nn.Module, str, Tensor]], versions: list[int], saved: dict[tuple[int, str], Tensor]
+    ) -> tuple[set[tuple[int, str]], list[str]]:
+        changed: set[tuple[int, str]] = set()
+        lost: list[str] = []
+        with torch.no_grad():
+            for (module, name, buffer), version in zip(entries, versions, strict=True):
+                key = (id(module), name)
+                if module._buffers.get(name) is not buffer:
+                    module._buffers[name] = buffer
+                    changed.add(key)
+                if buffer._version != version:
+                    changed.add(key)
+                    if key in saved:
+                        buffer.copy_(saved[key])
+                    else:
+                        lost.append(f"{type(module).__name__}.{name}")
+        return changed, lost
 
 
 @dataclass
@@ -218,6 +297,7 @@ class Scorer:
         self.loss_fn = loss_fn
         self.last_layer = last_layer
         self.capture: LastLayerCapture | None = None
+        self.buffers = BufferGuard()
 
     @property
     def cheap(self) -> bool:
@@ -269,7 +349,12 @@ class Scorer:
         """Scores of every example of ``batch`` under the current precision, with the last layer when captured."""
         forward, loss_fn = self.forward_and_loss(pl_module)
         capture = self.capture
-        with scoring_mode(pl_module, self.mode), capture.armed() if capture else contextlib.nullcontext():
+        with (
+            untouched_rng(pl_module.device),
+            self.buffers.untouched(pl_module),
+            scoring_mode(pl_module, self.mode),
+            capture.armed() if capture else contextlib.nullcontext(),
+        ):
             logits, targets = forward(batch)
             losses = loss_fn(logits, targets).detach().float()
         if torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu"):

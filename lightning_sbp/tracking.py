@@ -16,7 +16,7 @@ from lightning_sbp.metrics import (
     GradientErrorRatio,
     RandomSubsetGradientError,
 )
-from lightning_sbp.scoring import frozen_running_stats
+from lightning_sbp.scoring import frozen_running_stats, untouched_rng
 from lightning_sbp.selectors import Scores, Selection
 
 __all__ = ["GradientErrorTracker", "StepLog", "loggers_write_this_step", "subset_and_full_gradients"]
@@ -144,7 +144,8 @@ def subset_and_full_gradients(
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
 
-    with torch.enable_grad(), frozen_running_stats(model):
+    device = next(model.parameters()).device
+    with torch.enable_grad(), frozen_running_stats(model), untouched_rng(device):
         logits, targets = forward(batch)
         reference = gradients(loss_fn(logits, targets).mean())
         logits, targets = forward(subset)

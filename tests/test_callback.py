@@ -90,7 +90,8 @@ def test_batch_norm_needs_two_examples_and_tiny_batches_take_a_full_step() -> No
     model = SmallCNN()
     sbp = SelectiveBackprop("random", keep=0.01)
     # 34 examples in batches of 16: two batches keep 2 of 16, the last batch of 2 is a full step.
-    trainer(callbacks=[sbp]).fit(model, loader(blobs(34), 16))
+    with pytest.warns(UserWarning, match="cannot select from a batch of 2 examples"):
+        trainer(callbacks=[sbp]).fit(model, loader(blobs(34), 16))
     assert model.graph_sizes == [2, 2, 2]
     assert sbp.examples_backpropagated == 6
 
@@ -348,3 +349,27 @@ def test_a_selections_stats_are_logged_under_sbp() -> None:
     t = trainer(callbacks=[SelectiveBackprop(WithStats(), keep=0.5)], max_steps=1, log_every_n_steps=1)
     t.fit(model, loader(blobs(16), 16))
     assert t.callback_metrics["sbp/rest_max_loss"] == reported[0]
+
+
+def test_a_fit_that_raises_gives_the_module_its_own_training_step_back() -> None:
+    class Failing(PlainClassifier):
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            if batch_idx == 1:
+                raise KeyError("boom")
+            return super().training_step(batch, batch_idx)
+
+    model = Failing()
+    data = TensorDataset(torch.randn(64, 16), torch.randint(3, (64,)))
+    with pytest.raises(KeyError, match="boom"):
+        trainer(callbacks=[SelectiveBackprop("random", keep=0.25)]).fit(model, loader(data, 16))
+    assert "training_step" not in model.__dict__
+    model.seen.clear()
+    trainer(max_steps=1).fit(model, loader(data, 16))
+    assert model.seen == [16], "a later fit without the callback trains on whole batches"
+
+
+def test_a_batch_too_small_to_select_from_is_reported_once_per_fit() -> None:
+    data = TensorDataset(torch.randn(8, 16), torch.randint(3, (8,)))
+    with pytest.warns(UserWarning, match=r"batch of 1 examples with keep=0\.5: k = 1") as record:
+        trainer(callbacks=[SelectiveBackprop("random", keep=0.5)]).fit(PlainClassifier(), loader(data, 1))
+    assert sum("cannot select" in str(w.message) for w in record) == 1

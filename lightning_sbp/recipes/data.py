@@ -134,6 +134,9 @@ class ClassificationDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             collate_fn=self.collate_fn(),
+            # Its own generator, seeded from the run's seed: the order depends on the seed only, not on
+            # how many random numbers the model drew (dropout over N or over k examples).
+            generator=torch.Generator().manual_seed(torch.initial_seed()) if shuffle else None,
         )
 
     def collate_fn(self) -> Callable[[list[Any]], Any] | None:
@@ -141,7 +144,11 @@ class ClassificationDataModule(pl.LightningDataModule):
         return None
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled batches of ``(inputs, targets, indices)`` from the (possibly noisy) training set."""
+        """Shuffled batches of ``(inputs, targets, indices)`` from the (possibly noisy) training set.
+
+        The order is a function of the run's seed (``seed_everything``) alone: the loader shuffles
+        with its own generator, which nothing else draws from.
+        """
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

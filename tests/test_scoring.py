@@ -1,0 +1,129 @@
+"""The scoring pass leaves no trace: random streams, every buffer, and the data order of the recipes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from lightning_sbp.recipes import DigitsDataModule
+from lightning_sbp.scoring import LastLayerCapture, Scorer
+
+
+class Counter(nn.Module):
+    """A module of the kind users write: it counts the examples it sees in a buffer, in any mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("last_mean", torch.zeros(8))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.seen += x.shape[0]
+        self.last_mean = x.mean(dim=0).detach()  # reassigned, not updated in place
+        return x
+
+
+class Stateful(pl.LightningModule):
+    """Dropout, batch norm, spectral norm and a counting buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counter = Counter()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5))
+        self.head = spectral_norm(nn.Linear(16, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(self.counter(x)))
+
+
+def buffers(model: nn.Module) -> dict[str, Tensor]:
+    return {name: buffer.clone() for name, buffer in model.named_buffers()}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_every_buffer_and_the_random_stream_are_bit_identical_after_scoring(mode: str) -> None:
+    torch.manual_seed(0)
+    model = Stateful().train()
+    before = buffers(model)
+    assert any("_u" in name for name in before), "spectral norm keeps its power-iteration vectors as buffers"
+    scorer = Scorer(mode=mode)  # type: ignore[arg-type]
+    batch = (torch.randn(16, 8), torch.randint(3, (16,)))
+    for _ in range(3):  # the first pass learns which buffers change, the later ones copy only those
+        rng = torch.get_rng_state()
+        scores = scorer.score(model, batch)
+        assert torch.equal(torch.get_rng_state(), rng)
+        after = buffers(model)
+        assert after.keys() == before.keys()
+        for name, value in before.items():
+            assert torch.equal(after[name], value), f"{name} changed"
+    assert scores.losses.shape == (16,)
+    # the same forward outside the scoring pass does change them: the test can fail
+    model(batch[0])
+    assert not torch.equal(model.counter.seen, before["counter.seen"])
+    assert not torch.equal(model.head.parametrizations.weight[0]._u, before["head.parametrizations.weight.0._u"])
+
+
+def test_a_buffer_that_starts_changing_late_warns_once_and_is_restored_after() -> None:
+    class Late(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("hits", torch.zeros(()))
+            self.armed = False
+
+        def forward(self, x: Tensor) -> Tensor:
+            if self.armed:
+                self.hits += 1
+            return x
+
+    class Model(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.late = Late()
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.late(x))
+
+    model, scorer = Model(), Scorer()
+    batch = (torch.randn(4, 4), torch.randint(2, (4,)))
+    scorer.score(model, batch)
+    model.late.armed = True
+    with pytest.warns(UserWarning, match=r"Late\.hits"):
+        scorer.score(model, batch)
+    assert model.late.hits.item() == 1
+    scorer.score(model, batch)
+    assert model.late.hits.item() == 1
+
+
+def test_the_recipes_shuffle_the_same_order_whatever_the_model_draws() -> None:
+    def first_indices(draws: int) -> list[int]:
+        pl.seed_everything(3, verbose=False)
+        data = DigitsDataModule(batch_size=16)
+        data.setup("fit")
+        torch.rand(draws)  # what a model's dropout would take from the global stream
+        batches: Any = iter(data.train_dataloader())
+        return next(batches)[2].tolist()
+
+    assert first_indices(0) == first_indices(1000)
+    pl.seed_everything(4, verbose=False)
+    other = DigitsDataModule(batch_size=16)
+    other.setup("fit")
+    assert next(iter(other.train_dataloader()))[2].tolist() != first_indices(0), "the order follows the seed"
+
+
+def test_last_layer_capture_errors_name_the_layer_and_the_fix() -> None:
+    layer = nn.Linear(4, 3)
+    capture = LastLayerCapture(layer, "head")
+    with capture.armed(), pytest.raises(RuntimeError, match=r"'head' did not run.*last_layer="):
+        capture.take(torch.zeros(2, 3))
+    with capture.armed():
+        layer(torch.zeros(2, 4))
+    with pytest.raises(RuntimeError, match=r"output of 'head' has shape \(2, 3\).*logits of shape \(2, 5\)"):
+        capture.take(torch.zeros(2, 5))
+    assert capture.take(torch.zeros(2, 3)).shape == (2, 4)
+    assert not layer._forward_hooks, "the hook is removed when disarmed"
