@@ -230,6 +230,9 @@ def _compare(grid: Grid, args: argparse.Namespace) -> int:
     try:
         if args.cell is not None:
             run = _cell(runs, args.cell)
+            if cell_status(grid, run) == "finished":
+                print(f"{run.run_id} has finished already; remove its record to train it again")
+                return 0
             check_runs(grid, [run])
             prepare_output(grid, fingerprint)
             record = run_cell(run, grid, base)
