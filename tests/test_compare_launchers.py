@@ -64,6 +64,8 @@ def computed(output: Path) -> dict[str, dict[str, Any]]:
     found = {}
     for path in sorted((output / "runs").glob("*/record.json")):
         record = json.loads(path.read_text())
+        if record["status"] != "finished":
+            continue
         record["validation_values"] = [entry["value"] for entry in record["validation"]]
         found[record["run_id"]] = {key: record[key] for key in COMPUTED}
     return found

@@ -29,11 +29,11 @@ from lightning_sbp.compare.runner import (
     check_output,
     check_runs,
     inspect_base,
-    load_record,
     one_line,
     prepare_output,
     run_cell,
     run_grid,
+    run_record,
 )
 
 __all__ = ["build_parser", "grid_from_args", "main"]
@@ -225,7 +225,7 @@ def _compare(grid: Grid, args: argparse.Namespace) -> int:
             print(f"{len(runs)} runs; output {grid.output}")
         return 0
     if args.report:
-        found = [record for run in runs if (record := _record_of(grid, run)) is not None]
+        found = [record for run in runs if (record := run_record(grid, run)) is not None]
         return _summarise_output(grid, runs, found)
     try:
         if args.cell is not None:
@@ -253,11 +253,6 @@ def _cell(runs: Sequence[Run], index: int) -> Run:
             "(see --list-cells)"
         )
     return runs[index]
-
-
-def _record_of(grid: Grid, run: Run) -> dict[str, Any] | None:
-    record = load_record(grid.output / "runs" / run.run_id / "record.json")
-    return record if record is not None and record.get("run_id") == run.run_id else None
 
 
 def _summarise_output(grid: Grid, runs: Sequence[Run], records: list[dict[str, Any]]) -> int:

@@ -76,6 +76,7 @@ __all__ = [
     "record_failure",
     "run_cell",
     "run_grid",
+    "run_record",
     "warm_up",
 ]
 
@@ -610,19 +611,23 @@ def run_grid(
     return [records[run.run_id] for run in runs if run.run_id in records]
 
 
+def run_record(grid: Grid, run: Run) -> dict[str, Any] | None:
+    """The record of ``run`` in the grid's output directory, finished or failed; ``None`` if it has none."""
+    record = load_record(grid.output / "runs" / run.run_id / "record.json")
+    return record if record is not None and record.get("run_id") == run.run_id else None
+
+
 def cell_status(grid: Grid, run: Run) -> str:
     """``finished``, ``failed`` or ``pending`` (no record yet: never started, running, or interrupted)."""
-    record = load_record(grid.output / "runs" / run.run_id / "record.json")
-    if record is None or record.get("run_id") != run.run_id:
+    record = run_record(grid, run)
+    if record is None:
         return "pending"
     return "finished" if record.get("status") == "finished" else "failed"
 
 
 def _finished_record(grid: Grid, run: Run) -> dict[str, Any] | None:
-    record = load_record(grid.output / "runs" / run.run_id / "record.json")
-    if record is not None and record.get("status") == "finished" and record.get("run_id") == run.run_id:
-        return record
-    return None
+    record = run_record(grid, run)
+    return record if record is not None and record.get("status") == "finished" else None
 
 
 def _scratch_args(directory: str) -> list[str]:
