@@ -22,7 +22,15 @@ from lightning_sbp.cli import main as cli_main
 from lightning_sbp.compare.command import build_parser, grid_from_args
 from lightning_sbp.compare.grid import GridError, Run, base_fingerprint, expand
 from lightning_sbp.compare.launchers import RayLauncher, cell_resources
-from lightning_sbp.compare.runner import BaseInfo, check_output, fit_run, inspect_base, prepare_output, run_grid
+from lightning_sbp.compare.runner import (
+    BaseInfo,
+    check_output,
+    check_runs,
+    fit_run,
+    inspect_base,
+    prepare_output,
+    run_grid,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "examples" / "configs" / "digits_full.yaml"
@@ -323,3 +331,12 @@ def test_a_cell_asks_ray_for_the_devices_of_the_base_configuration(
 def test_a_gpu_cell_needs_a_device_count(devices: Any) -> None:
     with pytest.raises(GridError, match=r"needs trainer\.devices as a number of GPUs"):
         cell_resources(BaseInfo(batch_size=64, lr=None, accelerator="gpu", devices=devices), None, True)
+
+
+def test_runs_for_other_machines_are_checked_without_their_accelerator(tmp_path: Path) -> None:
+    args = [*GRID, "--output", str(tmp_path / "out"), "--set", "trainer.accelerator=gpu"]
+    grid = grid_from_args(build_parser().parse_args(args))
+    runs = expand(grid, base_fingerprint(grid), inspect_base(grid).batch_size)
+    check_runs(grid, runs, here=False)  # a CPU driver of a GPU cluster
+    with pytest.raises(GridError, match="(?i)gpu"):
+        check_runs(grid, runs)  # no GPU on this machine

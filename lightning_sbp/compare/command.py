@@ -238,7 +238,7 @@ def _compare(grid: Grid, args: argparse.Namespace) -> int:
             record = run_cell(run, grid, base)
             print(one_line(record))
             return 0 if record.get("status") == "finished" else 1
-        check_runs(grid, runs)
+        check_runs(grid, runs, here=launcher.in_process)
         prepare_output(grid, fingerprint)
         records = run_grid(grid, runs, base, launcher, progress=not args.no_progress)
     except (KeyboardInterrupt, SystemExit) as stop:

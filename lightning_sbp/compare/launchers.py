@@ -106,13 +106,17 @@ class RayLauncher:
         if ray.is_initialized():
             return False
         quiet: dict[str, Any] = {"logging_level": logging.WARNING}
-        if self.address is not None:
-            ray.init(address=self.address, **quiet)
-            return True
+        where = f"the Ray cluster at {self.address}" if self.address is not None else "a local Ray instance"
         try:
-            ray.init(address="auto", **quiet)
-        except ConnectionError:
-            ray.init(include_dashboard=False, **quiet)
+            if self.address is not None:
+                ray.init(address=self.address, **quiet)
+                return True
+            try:
+                ray.init(address="auto", **quiet)
+            except ConnectionError:
+                ray.init(include_dashboard=False, **quiet)
+        except Exception as err:  # Ray raises plain exceptions for a node that does not start
+            raise GridError(f"--launcher ray could not reach {where}: {' '.join(str(err).split())}") from None
         return True
 
 

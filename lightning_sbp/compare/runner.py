@@ -154,19 +154,26 @@ def inspect_base(grid: Grid) -> BaseInfo:
     )
 
 
-def check_runs(grid: Grid, runs: Sequence[Run]) -> None:
+def check_runs(grid: Grid, runs: Sequence[Run], here: bool = True) -> None:
     """Build (without training) the model, data and trainer of the first run of every method.
 
     A wrong key or a value a constructor refuses then fails before any training, not in the
     middle of the grid.
 
+    Args:
+        grid: the checked grid.
+        runs: the runs of the grid.
+        here: whether the runs will train on this machine; if not (Ray tasks on other nodes),
+            the trainers are built on one CPU, since this machine may lack the runs' accelerator.
+
     Raises:
         GridError: naming the run that cannot be built.
     """
     firsts = {run.method: run for run in reversed(runs)}
+    elsewhere = [] if here else ["--trainer.accelerator=cpu", "--trainer.devices=1"]
     with tempfile.TemporaryDirectory(prefix="sbp-check-") as scratch, _quiet():
         for run in sorted(firsts.values(), key=runs.index):
-            args = [*base_args(grid), *run.args, *_scratch_args(scratch)]
+            args = [*base_args(grid), *run.args, *elsewhere, *_scratch_args(scratch)]
             try:
                 _build_cli(args)
             except (ArgumentError, ValueError, TypeError) as err:
