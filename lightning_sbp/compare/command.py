@@ -25,6 +25,7 @@ from lightning_sbp.compare.launchers import LAUNCHERS, make_launcher
 from lightning_sbp.compare.plots import plot_all
 from lightning_sbp.compare.report import markdown_table, select_best_lr, summarise, write_csv
 from lightning_sbp.compare.runner import (
+    BaseInfo,
     cell_status,
     check_output,
     check_runs,
@@ -229,15 +230,7 @@ def _compare(grid: Grid, args: argparse.Namespace) -> int:
         return _summarise_output(grid, runs, found)
     try:
         if args.cell is not None:
-            run = _cell(runs, args.cell)
-            if cell_status(grid, run) == "finished":
-                print(f"{run.run_id} has finished already; remove its record to train it again")
-                return 0
-            check_runs(grid, [run])
-            prepare_output(grid, fingerprint)
-            record = run_cell(run, grid, base)
-            print(one_line(record))
-            return 0 if record.get("status") == "finished" else 1
+            return _train_cell(grid, fingerprint, base, _cell(runs, args.cell))
         check_runs(grid, runs, here=launcher.in_process)
         prepare_output(grid, fingerprint)
         records = run_grid(grid, runs, base, launcher, progress=not args.no_progress)
@@ -253,6 +246,18 @@ def _cell(runs: Sequence[Run], index: int) -> Run:
             "(see --list-cells)"
         )
     return runs[index]
+
+
+def _train_cell(grid: Grid, fingerprint: str, base: BaseInfo, run: Run) -> int:
+    """``--cell``: train ``run`` here unless it has finished; 0 when it finished, 1 when it failed."""
+    if cell_status(grid, run) == "finished":
+        print(f"{run.run_id} has finished already; remove its record to train it again")
+        return 0
+    check_runs(grid, [run])
+    prepare_output(grid, fingerprint)
+    record = run_cell(run, grid, base)
+    print(one_line(record))
+    return 0 if record.get("status") == "finished" else 1
 
 
 def _summarise_output(grid: Grid, runs: Sequence[Run], records: list[dict[str, Any]]) -> int:
