@@ -338,5 +338,16 @@ def test_runs_for_other_machines_are_checked_without_their_accelerator(tmp_path:
     grid = grid_from_args(build_parser().parse_args(args))
     runs = expand(grid, base_fingerprint(grid), inspect_base(grid).batch_size)
     check_runs(grid, runs, here=False)  # a CPU driver of a GPU cluster
-    with pytest.raises(GridError, match="(?i)gpu"):
+    with pytest.raises(GridError, match=r"(?i)gpu"):
         check_runs(grid, runs)  # no GPU on this machine
+
+
+def test_a_run_larger_than_a_local_ray_instance_is_refused() -> None:
+    from lightning_sbp.compare.launchers import _check_fits
+
+    request = {"num_cpus": 4.0, "num_gpus": 1.0}
+    _check_fits(request, {"CPU": 4.0, "GPU": 2.0}, autoscaled=False)
+    with pytest.raises(GridError, match="asks Ray for 1 GPUs, and the Ray cluster has 0"):
+        _check_fits(request, {"CPU": 8.0}, autoscaled=False)
+    with pytest.warns(UserWarning, match="wait until nodes with enough join"):
+        _check_fits(request, {"CPU": 2.0, "GPU": 1.0}, autoscaled=True)

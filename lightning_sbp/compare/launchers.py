@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -79,7 +80,9 @@ class RayLauncher:
         own_session = self._connect()
         pending: dict[Any, Run] = {}
         try:
-            resources = cell_resources(job.base, job.grid.threads, ray.cluster_resources().get("GPU", 0) > 0)
+            cluster = ray.cluster_resources()
+            resources = cell_resources(job.base, job.grid.threads, cluster.get("GPU", 0) > 0)
+            _check_fits(resources, cluster, autoscaled=not own_session)
             task = ray.remote(_train_cell).options(**resources)
             for run in runs:
                 pending[task.remote(job, run)] = run
@@ -156,6 +159,22 @@ def cell_resources(base: BaseInfo, threads: int | None, cluster_has_gpus: bool) 
             )
         return {"num_cpus": cpus, "num_gpus": float(devices)}
     return {"num_cpus": cpus * (devices or 1), "num_gpus": 0.0}
+
+
+def _check_fits(resources: dict[str, float], cluster: dict[str, float], autoscaled: bool) -> None:
+    """Refuse runs larger than a local Ray instance (Ray would wait for them forever); warn on a cluster.
+
+    Raises:
+        GridError: if a run asks for more CPUs or GPUs than the local instance has.
+    """
+    for request, name in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
+        needed, total = resources[request], cluster.get(name, 0.0)
+        if needed <= total:
+            continue
+        message = f"each run asks Ray for {needed:g} {name}s, and the Ray cluster has {total:g}"
+        if not autoscaled:
+            raise GridError(f"{message}; lower `threads` or trainer.devices")
+        warnings.warn(f"{message}: the runs wait until nodes with enough join the cluster", stacklevel=2)
 
 
 def _device_count(devices: Any) -> int | None:
