@@ -98,6 +98,7 @@ def test_a_tiny_grid_writes_records_table_csv_and_plots(tiny: Path) -> None:
         assert [entry["epoch"] for entry in record["validation"]] == [0, 1]
         assert record["fit_seconds"] > record["train_seconds"] > 0
         assert (tiny / "runs" / record["run_id"] / "config.yaml").is_file()
+        assert (tiny / "runs" / record["run_id"] / "logs" / record["method"] / "metrics.csv").is_file()
     assert [entry["selective_steps"] for entry in by_method["random"]["epochs"]] == [3, 3]
     assert by_method["random"]["grad_error_ratio"] > 0
     assert by_method["full"]["grad_error"] is None and by_method["full"]["epochs"] == []
@@ -149,7 +150,9 @@ def test_a_second_invocation_trains_nothing_and_a_lost_record_is_trained_again(
     assert compare([*TINY, "--output", str(tiny), "--no-progress"]) == 0
     assert counts.fits == fits
     assert (tiny / "summary.csv").read_text() == before
-    assert "| base | random | 0.5 |" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "| base | random | 0.5 |" in captured.out
+    assert "reused 3 finished runs of 3; 0 to train" in captured.err
 
     (tiny / "runs" / records(tiny)["small-batch"]["run_id"] / "record.json").unlink()
     runs = counts.runs
@@ -210,7 +213,7 @@ def test_dry_run_lists_the_runs_and_trains_nothing(
     fits = counts.fits
     assert compare([*TINY, "--output", str(tmp_path / "new"), "--seeds", "0", "1", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "6 runs" in out and out.count("to do") == 6
+    assert "6 runs" in out and out.count("pending") == 6
     assert counts.fits == fits and not (tmp_path / "new").exists()
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from lightning_sbp.compare.grid import (
     Grid,
     GridError,
+    Run,
     available_methods,
     base_fingerprint,
     expand,
@@ -20,9 +21,21 @@ from lightning_sbp.compare.grid import (
     nest,
     parse_assignment,
 )
+from lightning_sbp.compare.launchers import LAUNCHERS, make_launcher
 from lightning_sbp.compare.plots import plot_all
 from lightning_sbp.compare.report import markdown_table, select_best_lr, summarise, write_csv
-from lightning_sbp.compare.runner import check_output, check_runs, inspect_base, load_record, prepare_output, run_grid
+from lightning_sbp.compare.runner import (
+    BaseInfo,
+    cell_status,
+    check_output,
+    check_runs,
+    inspect_base,
+    one_line,
+    prepare_output,
+    run_cell,
+    run_grid,
+    run_record,
+)
 
 __all__ = ["build_parser", "grid_from_args", "main"]
 
@@ -48,13 +61,21 @@ A grid file holds the same settings as the flags (flags win). Paths in it are re
   keys: {lr: model.init_args.lr, label_noise: data.init_args.label_noise,
          batch_size: data.init_args.batch_size}
 
-Output: runs/<run_id>/{config.yaml,record.json,logs/} per run, summary.md, summary.csv (and
-summary_all.csv with every learning rate), plots/*.png. A repeated command skips finished runs;
-an output directory of another base configuration is refused. With a learning-rate grid each
-method is reported at the learning rate with the best mean final validation value.
+Output: runs/<run_id>/{config.yaml,record.json,logs/<method>/} per run, summary.md, summary.csv
+(and summary_all.csv with every learning rate), plots/*.png. A repeated command skips finished
+runs and says how many it reused; an output directory of another base configuration is refused.
+With a learning-rate grid each method is reported at the learning rate with the best mean final
+validation value. Ctrl-C stops the grid; the same command resumes it.
 
-Exit status: 0 when every run finished, 1 when some failed (see runs/<run_id>/error.txt),
-2 for bad input (nothing is trained).
+Launchers: --launcher in-process (default) trains one run after another in this process;
+--launcher ray trains every run as a Ray task with the resources of the base configuration
+(trainer.accelerator, trainer.devices) on the cluster at --ray-address, the one Ray finds, or a
+new local one (needs pip install 'lightning-sbp[cluster]'). For any other scheduler (SLURM
+arrays, Kubernetes jobs): --list-cells numbers the runs, --cell I trains run I alone, and --report
+writes the summary of whatever has finished. On a cluster --output must be a shared filesystem.
+
+Exit status: 0 when every run finished, 1 when some failed (see runs/<run_id>/error.txt) or, for
+--report, have no record yet, 2 for bad input (nothing is trained), 130 when interrupted.
 """
 
 
@@ -105,7 +126,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=["max", "min"], help="whether a higher metric is better (default max)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads for the runs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--dry-run", action="store_true", help="check the grid and list its runs; train nothing")
+    parser.add_argument(
+        "--launcher",
+        metavar="NAME",
+        help=f"where the runs train: {', '.join(LAUNCHERS)} (default in-process)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        dest="ray_address",
+        metavar="ADDRESS",
+        help="Ray cluster for --launcher ray (default: the one ray.init(address='auto') finds, else a local one)",
+    )
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--dry-run", action="store_true", help="check the grid and list its runs; train nothing")
+    modes.add_argument(
+        "--list-cells",
+        action="store_true",
+        help="print one line per run: its index for --cell, its run id, and finished, failed or pending",
+    )
+    modes.add_argument(
+        "--cell",
+        type=int,
+        metavar="I",
+        help="train run I of --list-cells alone, in this process, and write its record (for job arrays)",
+    )
+    modes.add_argument(
+        "--report",
+        action="store_true",
+        help="train nothing: write the summary and plots of the finished runs and list the missing ones",
+    )
     return parser
 
 
@@ -137,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after ``compare``; ``None`` reads ``sys.argv[2:]``.
 
     Returns:
-        0 when every run finished, 1 when some failed.
+        0 when every run finished, 1 when some failed (or, with ``--report``, are missing), 130
+        when interrupted (finished runs are kept).
 
     Raises:
         SystemExit: with status 2 and ``error: ...`` on stderr for bad input, before any training.
@@ -145,28 +195,73 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[2:] if argv is None else list(argv))
     try:
         grid = grid_from_args(args)
-        return _compare(grid, progress=not args.no_progress, dry_run=args.dry_run)
+        return _compare(grid, args)
     except GridError as err:
         sys.stderr.write(f"error: {err}\n")
         raise SystemExit(2) from None
+    except _Interrupted:
+        sys.stderr.write("interrupted: finished runs are kept; run the same command to resume\n")
+        return 130
 
 
-def _compare(grid: Grid, progress: bool, dry_run: bool) -> int:
+class _Interrupted(Exception):
+    """Ctrl-C during training (Lightning turns it into ``SystemExit`` inside a fit)."""
+
+
+def _compare(grid: Grid, args: argparse.Namespace) -> int:
+    single = "--cell" if args.cell is not None else "--report" if args.report else None
+    if single is not None and args.launcher is not None:
+        raise GridError(f"--launcher applies to a whole grid; {single} runs in this process: leave out --launcher")
+    launcher = make_launcher(args.launcher or "in-process", args.ray_address)
     fingerprint = base_fingerprint(grid)
     check_output(grid, fingerprint)
+    if args.report and not (grid.output / "compare.json").is_file():
+        raise GridError(f"nothing to report: {str(grid.output)!r} holds no comparison yet (no compare.json)")
     base = inspect_base(grid)
     runs = expand(grid, fingerprint, base.batch_size)
-    check_runs(grid, runs)
-    if dry_run:
-        for run in runs:
-            record = load_record(grid.output / "runs" / run.run_id / "record.json")
-            status = record.get("status", "?") if record is not None else "to do"
-            print(f"{run.run_id}  {status}")
-        print(f"{len(runs)} runs; output {grid.output}")
+    if args.list_cells or args.dry_run:
+        for index, run in enumerate(runs):
+            print(f"{index}  {run.run_id}  {cell_status(grid, run)}")
+        if args.dry_run:
+            print(f"{len(runs)} runs; output {grid.output}")
         return 0
-    prepare_output(grid, fingerprint)
-    records = run_grid(grid, runs, base, progress=progress)
+    if args.report:
+        found = [record for run in runs if (record := run_record(grid, run)) is not None]
+        return _summarise_output(grid, runs, found)
+    try:
+        if args.cell is not None:
+            return _train_cell(grid, fingerprint, base, _cell(runs, args.cell))
+        check_runs(grid, runs, here=launcher.in_process)
+        prepare_output(grid, fingerprint)
+        records = run_grid(grid, runs, base, launcher, progress=not args.no_progress)
+    except (KeyboardInterrupt, SystemExit) as stop:
+        raise _Interrupted from stop
+    return _summarise_output(grid, runs, records)
 
+
+def _cell(runs: Sequence[Run], index: int) -> Run:
+    if not 0 <= index < len(runs):
+        raise GridError(
+            f"--cell {index} is out of range: this grid has {len(runs)} runs, numbered 0 to {len(runs) - 1} "
+            "(see --list-cells)"
+        )
+    return runs[index]
+
+
+def _train_cell(grid: Grid, fingerprint: str, base: BaseInfo, run: Run) -> int:
+    """``--cell``: train ``run`` here unless it has finished; 0 when it finished, 1 when it failed."""
+    if cell_status(grid, run) == "finished":
+        print(f"{run.run_id} has finished already; remove its record to train it again")
+        return 0
+    check_runs(grid, [run])
+    prepare_output(grid, fingerprint)
+    record = run_cell(run, grid, base)
+    print(one_line(record))
+    return 0 if record.get("status") == "finished" else 1
+
+
+def _summarise_output(grid: Grid, runs: Sequence[Run], records: list[dict[str, Any]]) -> int:
+    """Write and print the summary and plots of ``records``; the exit status (1 if a run failed or is missing)."""
     rows = summarise(records, grid)
     selected = select_best_lr(rows, grid.mode)
     write_csv(selected, grid.output / "summary.csv")
@@ -177,7 +272,9 @@ def _compare(grid: Grid, progress: bool, dry_run: bool) -> int:
         (grid.output / "summary_all.csv").unlink(missing_ok=True)  # from an earlier, tuned grid
     table = markdown_table(selected, grid.metric)
     failed = [record for record in records if record.get("status") != "finished"]
-    (grid.output / "summary.md").write_text(_summary_document(grid, table, records, failed, tuned))
+    recorded = {record["run_id"] for record in records}
+    missing = [run.run_id for run in runs if run.run_id not in recorded]
+    (grid.output / "summary.md").write_text(_summary_document(grid, table, records, failed, missing, tuned))
     plots = plot_all(selected, records, grid.metric, grid.output / "plots", show_lr=tuned) if selected else []
 
     print(table, end="")
@@ -185,11 +282,12 @@ def _compare(grid: Grid, progress: bool, dry_run: bool) -> int:
     print(f"summary: {grid.output / 'summary.md'}, {grid.output / 'summary.csv'}")
     if plots:
         print("plots: " + ", ".join(str(path) for path in plots))
+    if missing:
+        sys.stderr.write(f"{len(missing)} of {len(runs)} runs have no record yet: {', '.join(missing)}\n")
     if failed:
         names = ", ".join(record["run_id"] for record in failed)
         sys.stderr.write(f"{len(failed)} of {len(runs)} runs failed ({names}); see runs/<run_id>/error.txt\n")
-        return 1
-    return 0
+    return 1 if failed or missing else 0
 
 
 def _legend(grid: Grid, tuned: bool) -> str:
@@ -210,7 +308,12 @@ def _legend(grid: Grid, tuned: bool) -> str:
 
 
 def _summary_document(
-    grid: Grid, table: str, records: list[dict[str, Any]], failed: list[dict[str, Any]], tuned: bool
+    grid: Grid,
+    table: str,
+    records: list[dict[str, Any]],
+    failed: list[dict[str, Any]],
+    missing: list[str],
+    tuned: bool,
 ) -> str:
     lines = [
         "# Selective Backprop comparison",
@@ -227,6 +330,8 @@ def _summary_document(
     lines += ["", table, _legend(grid, tuned), ""]
     if failed:
         lines += [f"{len(failed)} runs failed and are left out: " + ", ".join(r["run_id"] for r in failed), ""]
+    if missing:
+        lines += [f"{len(missing)} runs have no record yet and are left out: " + ", ".join(missing), ""]
     return "\n".join(lines)
 
 

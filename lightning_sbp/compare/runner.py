@@ -1,11 +1,15 @@
-"""Run the grid: one real Lightning fit per cell, in this process, one after another, each recorded on disk.
+"""Run the grid: one real Lightning fit per cell, each recorded on disk by the process that trains it.
 
+Where the cells train is up to a launcher (:mod:`lightning_sbp.compare.launchers`): in this
+process one after another, as Ray tasks, or one cell per command for an outside scheduler. Every
+cell goes through :func:`run_cell` wherever it trains, so it computes the same thing everywhere.
 Every run is built by LightningCLI from the base configuration, the grid's overrides and the
 cell's arguments, so it trains what ``lightning-sbp fit --config runs/<run_id>/config.yaml`` would
 train; the comparison only adds callbacks that measure (and, for ``small-batch``, the epoch
 length, which the saved configuration records). Runs log to CSV in their own directory, with
 Lightning's progress bar off. A record is written when a fit ends; a run whose record says
-``finished`` is not trained again.
+``finished`` is not trained again. Records are written atomically (a temporary file, then a
+rename), so processes that train different cells can share one output directory.
 
 Layout of the output directory::
 
@@ -13,7 +17,7 @@ Layout of the output directory::
     base.yaml                    the base configuration as given
     runs/<run_id>/config.yaml    the run's resolved configuration
     runs/<run_id>/record.json    the run's record
-    runs/<run_id>/logs/          the run's step-level CSV log
+    runs/<run_id>/logs/<method>/ the run's step-level CSV log
     runs/<run_id>/error.txt      the traceback of a failed run
     summary.md, summary.csv      the summary (see lightning_sbp.compare.report)
     plots/*.png                  the plots (see lightning_sbp.compare.plots)
@@ -28,6 +32,7 @@ import json
 import logging
 import math
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -38,7 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import lightning.pytorch as pl
 import torch
@@ -54,16 +59,24 @@ from lightning_sbp.functional.batch import batch_size
 __all__ = [
     "RECORD_VERSION",
     "BaseInfo",
+    "CellJob",
     "EqualStepBudget",
+    "Fit",
+    "Launcher",
     "RunRecorder",
     "base_args",
+    "cell_status",
     "check_output",
     "check_runs",
     "fit_run",
     "inspect_base",
     "load_record",
+    "one_line",
     "prepare_output",
+    "record_failure",
+    "run_cell",
     "run_grid",
+    "run_record",
     "warm_up",
 ]
 
@@ -81,10 +94,14 @@ class BaseInfo:
     Attributes:
         batch_size: the batch size ``N``.
         lr: the learning rate, when the configuration has one at the grid's ``lr`` key.
+        accelerator: ``trainer.accelerator`` when it is a name (``cpu``, ``gpu``, ``auto``...), else ``None``.
+        devices: ``trainer.devices`` as given (a count, a list of indices, ``"auto"``...).
     """
 
     batch_size: int
     lr: float | None
+    accelerator: str | None = None
+    devices: Any = None
 
 
 class _ParseOnlyCLI(SelectiveBackpropCLI):
@@ -128,22 +145,35 @@ def inspect_base(grid: Grid) -> BaseInfo:
         )
     lr = config.get(grid.keys.lr)
     lr = float(lr) if isinstance(lr, int | float) and not isinstance(lr, bool) else None
-    return BaseInfo(batch_size=size, lr=lr)
+    accelerator = config.get("trainer.accelerator")
+    return BaseInfo(
+        batch_size=size,
+        lr=lr,
+        accelerator=accelerator if isinstance(accelerator, str) else None,
+        devices=config.get("trainer.devices"),
+    )
 
 
-def check_runs(grid: Grid, runs: Sequence[Run]) -> None:
+def check_runs(grid: Grid, runs: Sequence[Run], here: bool = True) -> None:
     """Build (without training) the model, data and trainer of the first run of every method.
 
     A wrong key or a value a constructor refuses then fails before any training, not in the
     middle of the grid.
 
+    Args:
+        grid: the checked grid.
+        runs: the runs of the grid.
+        here: whether the runs will train on this machine; if not (Ray tasks on other nodes),
+            the trainers are built on one CPU, since this machine may lack the runs' accelerator.
+
     Raises:
         GridError: naming the run that cannot be built.
     """
     firsts = {run.method: run for run in reversed(runs)}
+    elsewhere = [] if here else ["--trainer.accelerator=cpu", "--trainer.devices=1"]
     with tempfile.TemporaryDirectory(prefix="sbp-check-") as scratch, _quiet():
         for run in sorted(firsts.values(), key=runs.index):
-            args = [*base_args(grid), *run.args, *_scratch_args(scratch)]
+            args = [*base_args(grid), *run.args, *elsewhere, *_scratch_args(scratch)]
             try:
                 _build_cli(args)
             except (ArgumentError, ValueError, TypeError) as err:
@@ -172,7 +202,7 @@ def check_output(grid: Grid, fingerprint: str) -> None:
                 f"(fingerprint {str(stored)[:12]}, this grid's {fingerprint[:12]}: the base file's contents, the "
                 "overrides or the keys differ); choose another --output or remove that directory"
             )
-    elif output.exists() and (not output.is_dir() or any(output.iterdir())):
+    elif output.exists() and (not output.is_dir() or any(not _is_partial(path) for path in output.iterdir())):
         raise GridError(
             f"output directory {str(output)!r} exists and is not a comparison's output (no compare.json); "
             "choose another --output"
@@ -180,12 +210,15 @@ def check_output(grid: Grid, fingerprint: str) -> None:
 
 
 def prepare_output(grid: Grid, fingerprint: str) -> None:
-    """Create the output directory and mark it with the fingerprint (after :func:`check_output`)."""
+    """Create the output directory and mark it with the fingerprint (after :func:`check_output`).
+
+    Safe when several processes prepare the same directory at once: the marker is written first
+    and atomically, so another process never sees a directory with files but without a marker.
+    """
     output = grid.output
     if (output / "compare.json").is_file():
         return
     output.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(grid.base, output / "base.yaml")
     _write_json(
         output / "compare.json",
         {
@@ -197,6 +230,7 @@ def prepare_output(grid: Grid, fingerprint: str) -> None:
             "created": _now(),
         },
     )
+    _write_text(output / "base.yaml", grid.base.read_text())
 
 
 def load_record(path: Path) -> dict[str, Any] | None:
@@ -348,7 +382,7 @@ def fit_run(run: Run, grid: Grid, base: BaseInfo, run_dir: Path) -> dict[str, An
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = {
         "class_path": "lightning.pytorch.loggers.CSVLogger",
-        "init_args": {"save_dir": str(run_dir), "name": "logs", "version": ""},
+        "init_args": {"save_dir": str(run_dir / "logs"), "name": run.method, "version": ""},
     }
     args = [
         *base_args(grid),
@@ -360,25 +394,7 @@ def fit_run(run: Run, grid: Grid, base: BaseInfo, run_dir: Path) -> dict[str, An
     ]
     recorder = RunRecorder(grid.metric)
     budget = EqualStepBudget(base.batch_size) if run.method == SMALL_BATCH else None
-    record: dict[str, Any] = {
-        "version": RECORD_VERSION,
-        "run_id": run.run_id,
-        **run.spec(),
-        "lr": run.lr if run.lr is not None else base.lr,
-        "metric": grid.metric,
-        "mode": grid.mode,
-        "status": "failed",
-        "error": None,
-        "started": _now(),
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "load_average": [_load_average()],
-        "versions": {
-            "torch": torch.__version__,
-            "lightning": pl.__version__,
-            "lightning_sbp": lightning_sbp.__version__,
-        },
-    }
+    record = _new_record(run, grid, base)
     started = time.perf_counter()
     try:
         with _quiet():
@@ -417,6 +433,43 @@ def fit_run(run: Run, grid: Grid, base: BaseInfo, run_dir: Path) -> dict[str, An
     return record
 
 
+def _new_record(run: Run, grid: Grid, base: BaseInfo) -> dict[str, Any]:
+    """The record of ``run`` before its fit: settings, environment, and ``status: failed`` until it finishes."""
+    return {
+        "version": RECORD_VERSION,
+        "run_id": run.run_id,
+        **run.spec(),
+        "lr": run.lr if run.lr is not None else base.lr,
+        "metric": grid.metric,
+        "mode": grid.mode,
+        "status": "failed",
+        "error": None,
+        "started": _now(),
+        "host": platform.node(),
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_average": [_load_average()],
+        "versions": {
+            "torch": torch.__version__,
+            "lightning": pl.__version__,
+            "lightning_sbp": lightning_sbp.__version__,
+        },
+    }
+
+
+def record_failure(run: Run, grid: Grid, base: BaseInfo, error: str, details: str) -> dict[str, Any]:
+    """Record ``run`` as failed for a reason outside its fit (its worker died, its task could not start).
+
+    Writes ``record.json`` and ``error.txt`` (``details``) in the run's directory and returns the record.
+    """
+    run_dir = grid.output / "runs" / run.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {**_new_record(run, grid, base), "error": error}
+    _write_text(run_dir / "error.txt", details)
+    _write_json(run_dir / "record.json", record)
+    return record
+
+
 def warm_up(run: Run, grid: Grid) -> None:
     """Two training steps and one validation step of ``run``, thrown away.
 
@@ -424,6 +477,7 @@ def warm_up(run: Run, grid: Grid) -> None:
     first calls of every kernel); without a warm-up they would be charged to whichever run comes
     first and bias its time. Failures are left for the real run to record.
     """
+    global _warmed_up
     with tempfile.TemporaryDirectory(prefix="sbp-warmup-") as scratch, _quiet():
         args = [
             *base_args(grid),
@@ -441,14 +495,91 @@ def warm_up(run: Run, grid: Grid) -> None:
             pass
         finally:
             gc.collect()
+    _warmed_up = True
+
+
+_warmed_up = False
+"""Whether this process has run :func:`warm_up` (a Ray worker trains many cells, and warms up once)."""
+
+Fit = Callable[[Run, Grid, BaseInfo, Path], dict[str, Any]]
+"""Trains one run in the given directory and returns its record (:func:`fit_run`)."""
+
+
+def run_cell(run: Run, grid: Grid, base: BaseInfo, fit: Fit = fit_run, warmup: bool = True) -> dict[str, Any]:
+    """Train one cell in this process and write its record: what every launcher runs for every cell.
+
+    Sets the grid's thread count, warms the process up once (on this cell) unless ``warmup`` is
+    false, removes what an interrupted or failed attempt left, trains, and writes
+    ``runs/<run_id>/record.json`` atomically.
+
+    Returns:
+        The record, ``finished`` or ``failed``.
+    """
+    if grid.threads is not None:
+        torch.set_num_threads(grid.threads)
+    if warmup and not _warmed_up:
+        warm_up(run, grid)
+    run_dir = grid.output / "runs" / run.run_id
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an interrupted or failed attempt starts over
+    record = fit(run, grid, base, run_dir)
+    _write_json(run_dir / "record.json", record)
+    return record
+
+
+@dataclass(frozen=True)
+class CellJob:
+    """What a launcher needs to train any cell of the grid; picklable, so it can travel to other processes.
+
+    Attributes:
+        grid: the checked grid.
+        base: what :func:`inspect_base` read.
+        fit: trains one run (:func:`fit_run`).
+        warmup: warm each process up once before its first cell.
+    """
+
+    grid: Grid
+    base: BaseInfo
+    fit: Fit = fit_run
+    warmup: bool = True
+
+    def __call__(self, run: Run) -> dict[str, Any]:
+        """Train ``run`` and write its record (:func:`run_cell`)."""
+        return run_cell(run, self.grid, self.base, self.fit, self.warmup)
+
+    def failed(self, run: Run, error: BaseException, details: str) -> dict[str, Any]:
+        """Record ``run`` as failed for ``error``, raised outside its fit (:func:`record_failure`)."""
+        return record_failure(run, self.grid, self.base, f"{type(error).__name__}: {_message(error)}", details)
+
+
+class Launcher(Protocol):
+    """Where the cells of a grid train (implementations: :mod:`lightning_sbp.compare.launchers`)."""
+
+    in_process: bool
+    """Whether cells train in this process (the grid then warms this process up before the first cell)."""
+
+    def run(
+        self,
+        runs: Sequence[Run],
+        job: CellJob,
+        finished: Callable[[Run, dict[str, Any]], None],
+        status: Callable[[str], None],
+    ) -> None:
+        """Train every run with ``job``, calling ``finished(run, record)`` as each one ends.
+
+        ``status(text)`` shows what is training on the progress bar. A run that
+        fails is reported through ``finished`` with a failed record; on ``KeyboardInterrupt`` the
+        launcher stops its runs and re-raises.
+        """
 
 
 def run_grid(
     grid: Grid,
     runs: Sequence[Run],
     base: BaseInfo,
+    launcher: Launcher,
     progress: bool = True,
-    fit: Callable[[Run, Grid, BaseInfo, Path], dict[str, Any]] = fit_run,
+    fit: Fit = fit_run,
     warmup: bool = True,
 ) -> list[dict[str, Any]]:
     """Train every run that has no finished record; return the records of all runs, in grid order.
@@ -457,48 +588,53 @@ def run_grid(
         grid: the checked grid.
         runs: the runs to do, from :func:`~lightning_sbp.compare.grid.expand`.
         base: what :func:`inspect_base` read.
-        progress: show one progress bar over the runs (on stderr).
+        launcher: where the cells train.
+        progress: show one progress bar over the runs (on stderr), counting finished and reused ones.
         fit: trains one run and returns its record.
-        warmup: before the first fit, run :func:`warm_up` on a selective run (or the first run).
+        warmup: warm every process that trains cells up once; in this process, on a selective run.
+
+    Raises:
+        KeyboardInterrupt: on Ctrl-C, after the launcher stopped its cells; records written so far are kept.
     """
-    if grid.threads is not None:
-        torch.set_num_threads(grid.threads)
-    finished = {run.run_id: _finished_record(grid, run) for run in runs}
-    todo = [run for run in runs if finished[run.run_id] is None]
-    if warmup and todo:
+    reused = {run.run_id: record for run in runs if (record := _finished_record(grid, run)) is not None}
+    todo = [run for run in runs if run.run_id not in reused]
+    if launcher.in_process and warmup and todo:
+        if grid.threads is not None:
+            torch.set_num_threads(grid.threads)
         warm_up(next((run for run in todo if run.method not in (FULL, SMALL_BATCH)), todo[0]), grid)
-    records: list[dict[str, Any]] = []
+    records = dict(reused)
     with _progress(len(runs), progress) as bar:
-        for run in runs:
-            run_dir = grid.output / "runs" / run.run_id
-            record = finished[run.run_id]
-            if record is not None:
-                records.append(record)
-                bar.update(1)
-                continue
-            if run_dir.exists():
-                shutil.rmtree(run_dir)  # an interrupted or failed attempt starts over
-            bar.set_postfix_str(run.run_id)
-            try:
-                record = fit(run, grid, base, run_dir)
-            except (KeyboardInterrupt, SystemExit):
-                bar.write(
-                    f"interrupted during {run.run_id}; finished runs are kept: run the same command to resume",
-                    file=sys.stderr,
-                )
-                raise
-            _write_json(run_dir / "record.json", record)
-            records.append(record)
-            bar.write(_one_line(record), file=sys.stderr)
+        if reused:
+            bar.write(f"reused {len(reused)} finished runs of {len(runs)}; {len(todo)} to train", file=sys.stderr)
+            bar.update(len(reused))
+
+        def finished(run: Run, record: dict[str, Any]) -> None:
+            records[run.run_id] = record
+            bar.write(one_line(record), file=sys.stderr)
             bar.update(1)
-    return records
+
+        if todo:
+            launcher.run(todo, CellJob(grid, base, fit, warmup), finished, bar.set_postfix_str)
+    return [records[run.run_id] for run in runs if run.run_id in records]
+
+
+def run_record(grid: Grid, run: Run) -> dict[str, Any] | None:
+    """The record of ``run`` in the grid's output directory, finished or failed; ``None`` if it has none."""
+    record = load_record(grid.output / "runs" / run.run_id / "record.json")
+    return record if record is not None and record.get("run_id") == run.run_id else None
+
+
+def cell_status(grid: Grid, run: Run) -> str:
+    """``finished``, ``failed`` or ``pending`` (no record yet: never started, running, or interrupted)."""
+    record = run_record(grid, run)
+    if record is None:
+        return "pending"
+    return "finished" if record.get("status") == "finished" else "failed"
 
 
 def _finished_record(grid: Grid, run: Run) -> dict[str, Any] | None:
-    record = load_record(grid.output / "runs" / run.run_id / "record.json")
-    if record is not None and record.get("status") == "finished" and record.get("run_id") == run.run_id:
-        return record
-    return None
+    record = run_record(grid, run)
+    return record if record is not None and record.get("status") == "finished" else None
 
 
 def _scratch_args(directory: str) -> list[str]:
@@ -588,7 +724,8 @@ def _summarise(recorder: RunRecorder, mode: str, fit_seconds: float, optimizer_s
     }
 
 
-def _one_line(record: dict[str, Any]) -> str:
+def one_line(record: dict[str, Any]) -> str:
+    """A record in one line: the metric, time and examples of a finished run, the error of a failed one."""
     if record.get("status") != "finished":
         return f"{record['run_id']}: failed: {record.get('error')}"
     return (
@@ -636,7 +773,25 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+_PARTIAL_SUFFIX = ".partial"
+
+
 def _write_json(path: Path, value: Any) -> None:
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(partial, path)
+    _write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: readers and concurrent writers see a whole file or none."""
+    handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_PARTIAL_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+
+
+def _is_partial(path: Path) -> bool:
+    """Whether ``path`` is the temporary file of a write in progress."""
+    return path.name.startswith(".") and path.name.endswith(_PARTIAL_SUFFIX)
