@@ -8,6 +8,7 @@ from lightning_sbp.functional.grad_error import random_subset_gradient_error, su
 from lightning_sbp.functional.gram import gradient_gram, gradient_norm_bound, last_layer_gram, logit_gradients
 from lightning_sbp.functional.omp import omp_gram
 from lightning_sbp.functional.resize import downscale
+from lightning_sbp.functional.sketch import gradient_sketch
 
 __all__ = [
     "batch_size",
@@ -15,6 +16,7 @@ __all__ = [
     "example_indices",
     "gradient_gram",
     "gradient_norm_bound",
+    "gradient_sketch",
     "index_batch",
     "last_layer_gram",
     "logit_gradients",
