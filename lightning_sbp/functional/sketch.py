@@ -102,8 +102,8 @@ def gradient_sketch(
         h_rows = flat_h[rows].to(dtype) * feature_sign[:dim]
         p_sketch = p_rows.new_zeros(p_rows.shape[0], sketch_dim).index_add_(1, class_bucket, p_rows)
         h_sketch = h_rows.new_zeros(h_rows.shape[0], sketch_dim).index_add_(1, feature_bucket[:dim], h_rows)
-        if bias:
-            h_sketch[:, feature_bucket[dim]] += feature_sign[dim]
+        if bias:  # the constant feature 1 of every position
+            h_sketch.index_add_(1, feature_bucket[dim:], feature_sign[dim:].expand(h_sketch.shape[0], 1))
         product = torch.fft.rfft(p_sketch, dim=1) * torch.fft.rfft(h_sketch, dim=1)
         spectrum.index_add_(0, example[rows], product)
     return torch.fft.irfft(spectrum, n=sketch_dim, dim=1)
