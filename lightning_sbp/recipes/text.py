@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
 from lightning_sbp.mixin import unwrap_logits
 from lightning_sbp.recipes.evaluation import ClassifierEvaluation
 
-__all__ = ["TextClassifier"]
+__all__ = ["TextClassifier", "adamw_with_linear_warmup"]
 
 _NOT_MODEL_INPUTS = ("labels", "index")
 
@@ -110,21 +111,29 @@ class TextClassifier(ClassifierEvaluation):
     def configure_optimizers(self) -> Any:
         """AdamW without decay on biases and normalisation weights, linear warm-up then linear decay per step."""
         hp = self.hparams
-        decay: list[torch.nn.Parameter] = []
-        no_decay: list[torch.nn.Parameter] = []
-        for name, parameter in self.named_parameters():
-            if not parameter.requires_grad:
-                continue
-            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
-        groups = [
-            {"params": decay, "weight_decay": hp["weight_decay"]},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=hp["lr"], eps=hp["adam_epsilon"])
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = round(hp["warmup_ratio"] * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _LinearWarmupDecay(warmup, total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_linear_warmup(self, hp["lr"], hp["weight_decay"], hp["warmup_ratio"], hp["adam_epsilon"])
+
+
+def adamw_with_linear_warmup(
+    module: pl.LightningModule, lr: float, weight_decay: float, warmup_ratio: float, adam_epsilon: float
+) -> dict[str, Any]:
+    """The fine-tuning optimiser of the transformers recipes, as ``configure_optimizers`` returns it.
+
+    AdamW without weight decay on biases and normalisation weights; the learning rate rises linearly from
+    zero over ``warmup_ratio`` of the training steps, then falls linearly to zero at the last step.
+    """
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for name, parameter in module.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, eps=adam_epsilon)
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    warmup = round(warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _LinearWarmupDecay(warmup, total))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class _LinearWarmupDecay:
