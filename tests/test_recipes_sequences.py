@@ -11,7 +11,16 @@ from helpers import trainer as quiet_trainer
 from lightning_sbp.recipes import CausalLMModule, GeneratedTokensDataModule, TokenClassifier
 from lightning_sbp.recipes.token_level import token_mean_cross_entropy
 
-GPT2 = {"model_type": "gpt2", "vocab_size": 16, "n_positions": 16, "n_embd": 16, "n_layer": 1, "n_head": 2}
+GPT2 = {
+    "model_type": "gpt2",
+    "vocab_size": 16,
+    "n_positions": 16,
+    "n_embd": 16,
+    "n_layer": 1,
+    "n_head": 2,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+}
 BERT = {
     "model_type": "bert",
     "vocab_size": 16,
