@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_sbp.mixin import unwrap_logits
+from lightning_sbp.batches import unwrap_logits
 from lightning_sbp.recipes.evaluation import ClassifierEvaluation
 
 __all__ = ["TextClassifier", "adamw_with_linear_warmup"]
