@@ -28,14 +28,13 @@ def test_omp_on_sequences_runs_on_the_exact_gram() -> None:
 
 
 def test_omp_with_a_sketch_matches_the_batch_gradient_better_than_random() -> None:
-    scores = _scores(16, 4, 64, 5000, seed=1)  # large vocabulary: the sketch is the cheapest form
+    scores = _scores(8, 16, 64, 20_000, seed=1)  # large vocabulary: the sketch is the cheapest form
     exact = gradient_gram(scores.features, scores.logit_grads)  # type: ignore[arg-type]
-    selection = OMPSelector(weights="raw", sketch_dim=1024).select(scores, 6, torch.Generator().manual_seed(0))
-    assert scores._grams[(torch.float32, 1024)] is not None
-    assert not torch.allclose(scores.gram_in(torch.float32, 1024), exact)  # it did sketch
-    assert selection.indices.unique().numel() == 6
+    selection = OMPSelector(weights="raw", sketch_dim=512).select(scores, 4, torch.Generator().manual_seed(0))
+    assert not torch.allclose(scores.gram_in(torch.float32, 512), exact)  # it did sketch
+    assert selection.indices.unique().numel() == 4
     error = subset_gradient_error(exact, selection.indices, selection.weights)
-    assert error < random_subset_gradient_error(exact, 6)
+    assert error < random_subset_gradient_error(exact, 4)
 
 
 def test_gradnorm_on_sequences_samples_by_the_exact_norms() -> None:

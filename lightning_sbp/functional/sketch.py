@@ -21,13 +21,25 @@ from torch import Tensor
 
 from lightning_sbp.functional._inputs import DEFAULT_CHUNK_ELEMENTS, as_sequences, compute_dtype
 
-__all__ = ["gradient_sketch", "sketch_cost"]
+__all__ = ["FFT_WEIGHT", "SCATTER_WEIGHT", "gradient_sketch", "sketch_cost"]
+
+
+SCATTER_WEIGHT = 64
+"""Cost of one scattered addition of a count sketch, in multiply-adds of a matrix product (measured on CPU)."""
+FFT_WEIGHT = 16
+"""Cost of one ``m log m`` unit of a real FFT, in multiply-adds of a matrix product (measured on CPU)."""
 
 
 def sketch_cost(n: int, positions: int, features: int, classes: int, sketch_dim: int) -> int:
-    """Multiply-adds of :func:`gradient_sketch` and of the Gram matrix of its result, up to constants."""
+    """Cost of :func:`gradient_sketch` and of the Gram matrix of its result, in multiply-adds of a matrix product.
+
+    ``N T (C + D)`` scattered additions and ``2 N T m log m`` FFT operations, weighted by how much slower
+    than a matrix product's multiply-add each is (:data:`SCATTER_WEIGHT`, :data:`FFT_WEIGHT`), plus the
+    ``N² m`` of the Gram matrix.
+    """
     log_m = max(1, sketch_dim.bit_length())
-    return n * positions * (classes + features + sketch_dim * log_m) + n * n * sketch_dim
+    per_position = SCATTER_WEIGHT * (classes + features) + FFT_WEIGHT * 2 * sketch_dim * log_m
+    return n * positions * per_position + n * n * sketch_dim
 
 
 def _hashes(size: int, buckets: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
