@@ -12,6 +12,7 @@ from helpers import trainer
 
 from lightning_sbp import SelectiveBackprop
 from lightning_sbp.recipes import CausalLMModule, GeneratedTokensDataModule
+from lightning_sbp.recipes.token_level import token_mean_cross_entropy
 from lightning_sbp.selectors.omp import OMPSelector
 
 GPT2 = {
@@ -76,3 +77,37 @@ def test_exact_error_orders_selectors_as_the_last_layer_error_does() -> None:
 def test_other_selectors_train_a_causal_lm(selector: str) -> None:
     steps = _fit(selector, steps=2)
     assert all(step["sbp/grad_error_step"] > 0 for step in steps)
+
+
+def shifted_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A per-sequence causal-LM loss on unshifted labels: position ``t`` predicts ``labels[:, t + 1]``."""
+    return token_mean_cross_entropy(logits, torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100))
+
+
+class PlainLM(pl.LightningModule):
+    """A GPT-2 LightningModule without the mixin: the patch path, scored with ``forward`` and a given loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = CausalLMModule(config=GPT2).model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, index: Any = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        return shifted_token_loss(logits, batch["labels"]).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+
+def test_the_patch_path_tracks_gradient_errors_of_a_causal_lm() -> None:
+    torch.manual_seed(0)
+    data = GeneratedTokensDataModule(vocab_size=24, seq_len=12, train_size=48, batch_size=16, seed=1)
+    log = MetricLog()
+    sbp = SelectiveBackprop("topk", keep=0.5, loss_fn=shifted_token_loss, exact_grad_error_every=1)
+    trainer(callbacks=[sbp, log], max_steps=3, log_every_n_steps=1, limit_val_batches=0).fit(PlainLM(), data)
+    assert len(log.steps) == 3
+    for step in log.steps:
+        assert step["sbp/grad_error_step"] > 0 and step["sbp/grad_error_exact_step"] > 0
