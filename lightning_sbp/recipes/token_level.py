@@ -10,13 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import lightning.pytorch as pl
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_sbp.mixin import SelectiveBackpropMixin
-from lightning_sbp.recipes.text import adamw_with_linear_warmup
+from lightning_sbp.recipes.evaluation import ClassifierEvaluation
+from lightning_sbp.recipes.text import adamw_with_linear_warmup, build_transformers_model, check_fine_tuning
 
 __all__ = ["IGNORE_INDEX", "CausalLMModule", "TokenClassifier", "TokenLevelModule", "token_mean_cross_entropy"]
 
@@ -41,7 +39,7 @@ def token_mean_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return token.sum(dim=1) / counted
 
 
-class TokenLevelModule(SelectiveBackpropMixin, pl.LightningModule):
+class TokenLevelModule(ClassifierEvaluation):
     """A transformers model with a loss at every position, fine-tuned with AdamW and a linear warm-up and decay.
 
     The model is loaded with ``from_pretrained(model_name_or_path)`` or, when ``config`` is given, built
@@ -78,29 +76,9 @@ class TokenLevelModule(SelectiveBackpropMixin, pl.LightningModule):
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
-        if config is None and not model_name_or_path:
-            raise ValueError(
-                "give model_name_or_path (a hub name or local folder) or config (a transformers config dict)"
-            )
-        if config is not None and "model_type" not in config:
-            raise ValueError("config needs a 'model_type' key, e.g. {'model_type': 'gpt2', 'n_embd': 64}")
-        try:
-            import transformers
-        except ImportError as err:
-            raise ImportError(f"{type(self).__name__} needs transformers: pip install 'lightning-sbp[text]'") from err
-        auto = getattr(transformers, self.auto_class)
-        if config is not None:
-            settings = {key: value for key, value in config.items() if key != "model_type"}
-            model_config = transformers.AutoConfig.for_model(config["model_type"], **model_kwargs, **settings)
-            self.model = auto.from_config(model_config)
-        else:
-            self.model = auto.from_pretrained(model_name_or_path, **model_kwargs)
-        self.val_acc = MulticlassAccuracy(self.num_classes, average="micro", ignore_index=IGNORE_INDEX)
-        self.test_acc = MulticlassAccuracy(self.num_classes, average="micro", ignore_index=IGNORE_INDEX)
+        check_fine_tuning(lr, warmup_ratio)
+        self.model = build_transformers_model(self.auto_class, model_name_or_path, config, **model_kwargs)
+        self.setup_accuracy(self.num_classes, ignore_index=IGNORE_INDEX)
 
     @property
     def num_classes(self) -> int:
@@ -126,20 +104,10 @@ class TokenLevelModule(SelectiveBackpropMixin, pl.LightningModule):
         """Each sequence's mean token cross-entropy, ``[N]``."""
         return token_mean_cross_entropy(logits, targets)
 
-    def _evaluate(self, batch: Any, prefix: str, accuracy: MulticlassAccuracy) -> None:
+    def evaluation_outputs(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """Logits ``[N T, C]`` and targets ``[N T]`` of every position; ``-100`` targets are not counted."""
         logits, targets = self.sbp_forward(batch)
-        loss = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX)
-        accuracy(logits.transpose(1, 2), targets)
-        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", sync_dist=True)
-        self.log(f"{prefix}/acc", accuracy, prog_bar=prefix == "val")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Log ``val/loss`` (mean over counted tokens) and ``val/acc``."""
-        self._evaluate(batch, "val", self.val_acc)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        """Log ``test/loss`` and ``test/acc``."""
-        self._evaluate(batch, "test", self.test_acc)
+        return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
 
     def configure_optimizers(self) -> Any:
         """AdamW without decay on biases and normalisation weights, linear warm-up then linear decay per step."""
