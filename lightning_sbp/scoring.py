@@ -244,10 +244,11 @@ class LastLayerCapture:
                 f"the final linear layer {self.name!r} did not run in the forward pass; name the right "
                 "one with SelectiveBackprop(last_layer=...)"
             )
-        if self.outputs.shape != logits.shape or self.features.dim() != 2:
+        if self.outputs.shape != logits.shape or self.features.dim() != logits.dim() or logits.dim() not in (2, 3):
             raise RuntimeError(
                 f"the output of {self.name!r} has shape {tuple(self.outputs.shape)} and its input "
-                f"{tuple(self.features.shape)}, but last-layer gradients need [N, D] inputs and logits of shape "
+                f"{tuple(self.features.shape)}, but last-layer gradients need [N, D] inputs and [N, C] logits, or "
+                f"[N, T, D] and [N, T, C] for a head applied per position, and the logits have shape "
                 f"{tuple(logits.shape)}; name the layer that produces the logits with SelectiveBackprop(last_layer=...)"
             )
         return self.features

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_sbp.functional.grad_error import random_subset_gradient_error, subset_gradient_error
-from lightning_sbp.functional.gram import last_layer_gram
+from lightning_sbp.functional.gram import gradient_gram, last_layer_gram
 
 N, D, C = 12, 6, 5
 
@@ -119,3 +119,39 @@ def test_validation() -> None:
     for k in (0, 5):
         with pytest.raises(ValueError, match="k must be"):
             random_subset_gradient_error(gram, k)
+
+
+def _sequence_setup(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example gradients of a causal-LM head (shifted, padded targets) by autograd, and their Gram matrix."""
+    torch.manual_seed(seed)
+    positions = 5
+    layer = nn.Linear(D, C).double()
+    features = torch.randn(N, positions, D, dtype=torch.float64)
+    targets = torch.randint(0, C, (N, positions))
+    targets[torch.rand(N, positions) < 0.25] = -100
+
+    def losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits, targets = logits[:, :-1], targets[:, 1:]
+        token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=-100)
+        return token.sum(dim=1) / (targets != -100).sum(dim=1).clamp_min(1)
+
+    rows = []
+    for i in range(N):
+        loss = losses(layer(features[i : i + 1]), targets[i : i + 1]).sum()
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(layer.parameters()))]))
+    logits = layer(features).detach().requires_grad_(True)
+    (logit_grads,) = torch.autograd.grad(losses(logits, targets).sum(), logits)
+    return torch.stack(rows), gradient_gram(features, logit_grads)
+
+
+def test_gradient_errors_of_sequence_heads_match_materialised_gradients() -> None:
+    grads, gram = _sequence_setup()
+    indices, weights = torch.tensor([1, 4, 6, 10]), torch.tensor([0.5, 1.5, 1.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(
+        subset_gradient_error(gram, indices, weights), _explicit_error(grads, indices, weights), rtol=1e-8, atol=1e-10
+    )
+    k = 4
+    mean = grads.mean(dim=0)
+    spread = (grads - mean).square().sum(dim=1).mean()
+    expected = torch.sqrt((N - k) / (k * (N - 1)) * spread) / mean.norm()
+    torch.testing.assert_close(random_subset_gradient_error(gram, k), expected, rtol=1e-8, atol=1e-10)

@@ -9,6 +9,7 @@ from lightning_sbp.functional.gram import gradient_gram, gradient_norm_bound, la
 from lightning_sbp.functional.loss import per_example_cross_entropy
 from lightning_sbp.functional.omp import omp_gram
 from lightning_sbp.functional.resize import downscale
+from lightning_sbp.functional.sketch import gradient_sketch
 
 __all__ = [
     "batch_size",
@@ -16,6 +17,7 @@ __all__ = [
     "example_indices",
     "gradient_gram",
     "gradient_norm_bound",
+    "gradient_sketch",
     "index_batch",
     "last_layer_gram",
     "logit_gradients",

@@ -5,23 +5,54 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
 from lightning_sbp.batches import unwrap_logits
 from lightning_sbp.recipes.evaluation import ClassifierEvaluation
 
-__all__ = ["TextClassifier"]
+__all__ = ["TextClassifier", "adamw_with_linear_warmup", "build_transformers_model", "check_fine_tuning"]
 
 _NOT_MODEL_INPUTS = ("labels", "index")
 
 
-def _transformers() -> Any:
+def check_fine_tuning(lr: float, warmup_ratio: float) -> None:
+    """Refuse a learning rate that is not positive or a warm-up fraction outside ``[0, 1)``."""
+    if lr <= 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+
+
+def build_transformers_model(
+    auto_class: str, model_name_or_path: str | None, config: dict[str, Any] | None, **model_kwargs: Any
+) -> Any:
+    """A transformers model from ``transformers.<auto_class>``: untrained from ``config``, else pretrained.
+
+    Args:
+        auto_class: the name of a transformers auto class, e.g. ``"AutoModelForSequenceClassification"``.
+        model_name_or_path: hub name or local folder of a pretrained model; ignored when ``config`` is given.
+        config: keyword arguments of ``transformers.AutoConfig.for_model``, ``model_type`` included.
+        model_kwargs: further configuration, e.g. ``num_labels``.
+
+    Raises:
+        ValueError: when neither a model name nor a config is given, or the config has no ``model_type``.
+        ImportError: when transformers is not installed.
+    """
+    if config is None and not model_name_or_path:
+        raise ValueError("give model_name_or_path (a hub name or local folder) or config (a transformers config dict)")
+    if config is not None and "model_type" not in config:
+        raise ValueError("config needs a 'model_type' key, e.g. {'model_type': 'bert', 'hidden_size': 128}")
     try:
         import transformers
     except ImportError as err:
-        raise ImportError("TextClassifier needs transformers: pip install 'lightning-sbp[text]'") from err
-    return transformers
+        raise ImportError("the transformers recipes need transformers: pip install 'lightning-sbp[text]'") from err
+    auto = getattr(transformers, auto_class)
+    if config is None:
+        return auto.from_pretrained(model_name_or_path, **model_kwargs)
+    settings = {key: value for key, value in config.items() if key != "model_type"}
+    return auto.from_config(transformers.AutoConfig.for_model(config["model_type"], **model_kwargs, **settings))
 
 
 class TextClassifier(ClassifierEvaluation):
@@ -64,26 +95,11 @@ class TextClassifier(ClassifierEvaluation):
         super().__init__()
         if num_labels < 2:
             raise ValueError(f"num_labels must be at least 2, got {num_labels}")
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
-        if config is None and not model_name_or_path:
-            raise ValueError(
-                "give model_name_or_path (a hub name or local folder) or config (a transformers config dict)"
-            )
-        if config is not None and "model_type" not in config:
-            raise ValueError("config needs a 'model_type' key, e.g. {'model_type': 'bert', 'hidden_size': 128}")
+        check_fine_tuning(lr, warmup_ratio)
         self.save_hyperparameters()
-        transformers = _transformers()
-        if config is not None:
-            settings = {key: value for key, value in config.items() if key != "model_type"}
-            model_config = transformers.AutoConfig.for_model(config["model_type"], num_labels=num_labels, **settings)
-            self.model = transformers.AutoModelForSequenceClassification.from_config(model_config)
-        else:
-            self.model = transformers.AutoModelForSequenceClassification.from_pretrained(
-                model_name_or_path, num_labels=num_labels
-            )
+        self.model = build_transformers_model(
+            "AutoModelForSequenceClassification", model_name_or_path, config, num_labels=num_labels
+        )
         self.setup_accuracy(num_labels)
 
     def forward(self, **inputs: Tensor) -> Tensor:
@@ -110,21 +126,29 @@ class TextClassifier(ClassifierEvaluation):
     def configure_optimizers(self) -> Any:
         """AdamW without decay on biases and normalisation weights, linear warm-up then linear decay per step."""
         hp = self.hparams
-        decay: list[torch.nn.Parameter] = []
-        no_decay: list[torch.nn.Parameter] = []
-        for name, parameter in self.named_parameters():
-            if not parameter.requires_grad:
-                continue
-            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
-        groups = [
-            {"params": decay, "weight_decay": hp["weight_decay"]},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=hp["lr"], eps=hp["adam_epsilon"])
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = round(hp["warmup_ratio"] * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _LinearWarmupDecay(warmup, total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_linear_warmup(self, hp["lr"], hp["weight_decay"], hp["warmup_ratio"], hp["adam_epsilon"])
+
+
+def adamw_with_linear_warmup(
+    module: pl.LightningModule, lr: float, weight_decay: float, warmup_ratio: float, adam_epsilon: float
+) -> dict[str, Any]:
+    """The fine-tuning optimiser of the transformers recipes, as ``configure_optimizers`` returns it.
+
+    AdamW without weight decay on biases and normalisation weights; the learning rate rises linearly from
+    zero over ``warmup_ratio`` of the training steps, then falls linearly to zero at the last step.
+    """
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for name, parameter in module.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, eps=adam_epsilon)
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    warmup = round(warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _LinearWarmupDecay(warmup, total))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class _LinearWarmupDecay:

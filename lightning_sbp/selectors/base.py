@@ -42,10 +42,11 @@ class Scores:
 
     Attributes:
         losses: per-example losses, shape ``[N]``; may hold NaN or inf.
-        logits: outputs of the final linear layer, shape ``[N, C]``, when captured.
-        logit_grads: gradient of each example's loss with respect to its own logits, shape
-            ``[N, C]`` (``softmax - onehot`` for plain cross-entropy), when captured.
-        features: inputs of the final linear layer, shape ``[N, D]``, when captured.
+        logits: outputs of the final linear layer, shape ``[N, C]`` (``[N, T, C]`` for a head applied
+            at every position), when captured.
+        logit_grads: gradient of each example's loss with respect to its own logits, of the shape of
+            ``logits`` (``softmax - onehot`` for plain cross-entropy), when captured.
+        features: inputs of the final linear layer, shape ``[N, D]`` (``[N, T, D]``), when captured.
         bias: whether the final linear layer has a bias.
     """
 
@@ -54,7 +55,9 @@ class Scores:
     logit_grads: Tensor | None = None
     features: Tensor | None = None
     bias: bool = True
-    _grams: dict[torch.dtype, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _grams: dict[tuple[torch.dtype, int | None], Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def size(self) -> int:
@@ -66,25 +69,33 @@ class Scores:
         """The float32 Gram matrix ``[N, N]`` of per-example last-layer gradients (see :meth:`gram_in`)."""
         return self.gram_in(torch.float32)
 
-    def gram_in(self, dtype: torch.dtype) -> Tensor:
+    def gram_in(self, dtype: torch.dtype, sketch_dim: int | None = None, seed: int | torch.Generator = 0) -> Tensor:
         """The Gram matrix of per-example last-layer gradients in ``dtype``, computed once per batch.
 
         Examples whose loss, features or logit gradients are not finite count as zero gradients.
+        Features and logit gradients may be ``[N, D]``/``[N, C]`` or, for a head applied per position,
+        ``[N, T, D]``/``[N, T, C]`` (see :func:`~lightning_sbp.functional.gradient_gram`).
+
+        Args:
+            dtype: the floating dtype of the result.
+            sketch_dim: allow a TensorSketch of this dimension when it is cheaper than the exact forms.
+            seed: seeds the sketch (an integer or a generator on the device of the scores).
 
         Raises:
             RuntimeError: if the scoring pass did not capture the last layer.
         """
-        if dtype not in self._grams:
+        key = (dtype, sketch_dim)
+        if key not in self._grams:
             features, logit_grads = self.require_last_layer("the last-layer Gram matrix")
             valid = (
                 torch.isfinite(self.losses)
-                & torch.isfinite(features).all(dim=1)
-                & torch.isfinite(logit_grads).all(dim=1)
-            ).unsqueeze(1)
+                & torch.isfinite(features).flatten(1).all(dim=1)
+                & torch.isfinite(logit_grads).flatten(1).all(dim=1)
+            ).view(-1, *([1] * (features.ndim - 1)))
             features = torch.where(valid, features.to(dtype), 0.0)
             logit_grads = torch.where(valid, logit_grads.to(dtype), 0.0)
-            self._grams[dtype] = gradient_gram(features, logit_grads, bias=self.bias)
-        return self._grams[dtype]
+            self._grams[key] = gradient_gram(features, logit_grads, bias=self.bias, sketch_dim=sketch_dim, seed=seed)
+        return self._grams[key]
 
     def require_last_layer(self, who: str) -> tuple[Tensor, Tensor]:
         """The last-layer features and logit gradients, or a clear error when they were not captured."""

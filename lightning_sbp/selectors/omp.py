@@ -43,6 +43,9 @@ class OMPSelector(Selector):
         nonnegative: constrain the OMP coefficients to be non-negative (drop-and-refit).
         dtype: precision of the Gram matrix and of OMP, ``"float32"`` or ``"float64"`` (slow on GPUs,
             unsupported on some accelerators, but better conditioned for large batches).
+        sketch_dim: for heads too large for the exact Gram matrix (language models), estimate it from a
+            TensorSketch of this dimension, drawn afresh on every step, whenever that is cheaper than the
+            exact forms (see :func:`~lightning_sbp.functional.gradient_gram`); ``None`` keeps it exact.
 
     Raises:
         ValueError: for a value of ``weights`` or ``dtype`` outside the allowed ones.
@@ -52,7 +55,11 @@ class OMPSelector(Selector):
     weighted = True
 
     def __init__(
-        self, weights: Weighting = "normalized", nonnegative: bool = False, dtype: GramDtype = "float32"
+        self,
+        weights: Weighting = "normalized",
+        nonnegative: bool = False,
+        dtype: GramDtype = "float32",
+        sketch_dim: int | None = None,
     ) -> None:
         if weights not in get_args(Weighting):
             raise ValueError(f"weights must be one of {', '.join(map(repr, get_args(Weighting)))}; got {weights!r}")
@@ -60,14 +67,19 @@ class OMPSelector(Selector):
             raise ValueError(f"dtype must be one of {', '.join(map(repr, get_args(GramDtype)))}; got {dtype!r}")
         if not isinstance(nonnegative, bool):
             raise ValueError(f"nonnegative must be True or False, got {nonnegative!r}")
+        if sketch_dim is not None and (
+            isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim < 1
+        ):
+            raise ValueError(f"sketch_dim must be None (exact) or a positive integer, got {sketch_dim!r}")
         self.weights = weights
         self.nonnegative = nonnegative
         self.dtype = dtype
+        self.sketch_dim = sketch_dim
 
     def select(self, scores: Scores, k: int, generator: torch.Generator) -> Selection:
         """Pick ``k`` examples by OMP and weigh them by their coefficients."""
         scores.require_last_layer(type(self).__name__)
-        gram = scores.gram_in(getattr(torch, self.dtype))
+        gram = scores.gram_in(getattr(torch, self.dtype), self.sketch_dim, generator)
         target = gram.mean(dim=1)
         indices, coef = omp_gram(gram, target, k, nonnegative=self.nonnegative)
         coef = torch.where(torch.isfinite(coef), coef, torch.zeros_like(coef)).float()

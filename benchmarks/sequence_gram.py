@@ -1,0 +1,158 @@
+"""Cost of the last-layer Gram matrix and of OMP for a language model, next to its training step.
+
+Run from the project root (transformers must be installed; nothing is downloaded)::
+
+    python benchmarks/sequence_gram.py [--device cpu] [--lengths 128 512] [--vocab 8192] [--repeats 5]
+
+A tiny GPT-2 (``GPT2LMHeadModel`` built from a config, random weights) is trained on random tokens. For each
+sequence length ``T`` the script times, back to back in every repeat:
+
+* ``step``: a full training step on the batch (forward, backward, AdamW step);
+* ``score``: the scoring pass of Selective Backprop (a forward without graph, and the logit gradients of the
+  per-sequence losses by autograd on the logits);
+* ``gram exact``: :func:`~lightning_sbp.functional.gradient_gram` with the cheaper exact form;
+* ``gram sketch``: the same from a TensorSketch of ``--sketch-dim`` dimensions;
+* ``omp``: :func:`~lightning_sbp.functional.omp_gram` picking ``k = N / 2`` sequences.
+
+The table gives median times and the median over repeats of each time divided by the step time of the same
+repeat, so that the ratios share the machine's load; ``sketch err`` is the relative Frobenius error of the
+sketched Gram matrix. Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lightning_sbp.functional import gradient_gram, omp_gram
+from lightning_sbp.functional.gram import choose_form
+
+
+def _sequence_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Each sequence's mean next-token cross-entropy (targets shifted left, the last position ignored)."""
+    targets = F.pad(input_ids[:, 1:], (0, 1), value=-100)
+    token = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none", ignore_index=-100)
+    return token.sum(dim=1) / (targets != -100).sum(dim=1)
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    def timed(fn: Callable[[], object]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    return timed
+
+
+def run(args: argparse.Namespace) -> str:
+    rows = [
+        "| T | form | step (ms) | score (ms) | gram exact (ms) | gram sketch (ms) | omp (ms) "
+        "| score / step | exact / step | sketch / step | omp / step | sketch err |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows += [measure(length, args) for length in args.lengths]
+    return "\n".join(rows)
+
+
+def measure(length: int, args: argparse.Namespace) -> str:
+    """One table row: the timings at sequence length ``length``."""
+    device = torch.device(args.device)
+    timed = _timer(device)
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=args.vocab,
+        n_positions=max(args.lengths),
+        n_embd=args.width,
+        n_layer=args.layers,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = GPT2LMHeadModel(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    input_ids = torch.randint(0, args.vocab, (args.batch, length), device=device)
+    captured: dict[str, torch.Tensor] = {}
+    hook = model.lm_head.register_forward_hook(lambda _m, inputs, _o: captured.__setitem__("h", inputs[0]))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        _sequence_losses(model(input_ids).logits, input_ids).mean().backward()
+        optimizer.step()
+
+    def score() -> None:
+        with torch.no_grad():
+            logits = model(input_ids).logits
+        leaf = logits.detach().float().requires_grad_(True)
+        with torch.enable_grad():
+            (captured["p"],) = torch.autograd.grad(_sequence_losses(leaf, input_ids).sum(), leaf)
+
+    score()
+    features, logit_grads = captured["h"].detach(), captured["p"]
+    hook.remove()
+    exact = gradient_gram(features, logit_grads, bias=False)
+    sketched = gradient_gram(features, logit_grads, bias=False, form="sketch", sketch_dim=args.sketch_dim)
+    error = float(torch.linalg.matrix_norm(sketched - exact) / torch.linalg.matrix_norm(exact))
+    k = args.batch // 2
+
+    jobs: dict[str, Callable[[], object]] = {
+        "step": step,
+        "score": score,
+        "exact": lambda: gradient_gram(features, logit_grads, bias=False),
+        "sketch": lambda: gradient_gram(features, logit_grads, bias=False, form="sketch", sketch_dim=args.sketch_dim),
+        "omp": lambda: omp_gram(exact, exact.mean(dim=1), k),
+    }
+    for job in jobs.values():  # warm-up
+        job()
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for repeat in range(args.repeats):
+        # Rotate the order so that no job always runs right after the same one.
+        names = list(jobs)[repeat % len(jobs) :] + list(jobs)[: repeat % len(jobs)]
+        for name in names:
+            times[name].append(timed(jobs[name]))
+
+    def ms(name: str) -> str:
+        return f"{1e3 * statistics.median(times[name]):.1f}"
+
+    def ratio(name: str) -> str:
+        return f"{statistics.median(a / b for a, b in zip(times[name], times['step'], strict=True)):.3f}"
+
+    form = choose_form(args.batch, length, args.width, args.vocab)
+    return (
+        f"| {length} | {form} | {ms('step')} | {ms('score')} | {ms('exact')} | {ms('sketch')} | {ms('omp')} "
+        f"| {ratio('score')} | {ratio('exact')} | {ratio('sketch')} | {ratio('omp')} | {error:.3f} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512], help="sequence lengths T")
+    parser.add_argument("--batch", type=int, default=16, help="sequences per batch N")
+    parser.add_argument("--vocab", type=int, default=8192, help="vocabulary size C (GPT-2's is 50257)")
+    parser.add_argument("--width", type=int, default=128, help="model width D")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--sketch-dim", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, load average {load}")
+    print(
+        f"GPT-2: N={args.batch}, D={args.width}, C={args.vocab}, {args.layers} layers; "
+        f"sketch_dim={args.sketch_dim}, k={args.batch // 2}"
+    )
+    print(run(args))
+
+
+if __name__ == "__main__":
+    main()
