@@ -435,6 +435,10 @@ def test_a_user_selector_is_retrievable_by_name() -> None:
         ("omp", {"weights": "sum"}, "'normalized', 'uniform', 'raw'"),
         ("omp", {"dtype": "float16"}, "'float32', 'float64'"),
         ("omp", {"nonnegative": "yes"}, "nonnegative"),
+        ("omp", {"ridge": -0.1}, "ridge"),
+        ("omp", {"ridge": math.inf}, "ridge"),
+        ("omp", {"max_weight": 0.5}, "max_weight"),
+        ("omp", {"max_weight": math.nan}, "max_weight"),
     ],
 )
 def test_bad_constructor_arguments_raise_value_error(name: str, kwargs: dict[str, object], match: str) -> None:
@@ -444,4 +448,6 @@ def test_bad_constructor_arguments_raise_value_error(name: str, kwargs: dict[str
 
 def test_repr_shows_the_arguments() -> None:
     assert repr(LossSelector(history=8, beta=2.0)) == "LossSelector(history=8, beta=2.0)"
-    assert repr(OMPSelector()) == "OMPSelector(weights='normalized', nonnegative=False, dtype='float32')"
+    assert repr(OMPSelector(weights="raw", ridge=0.5)) == (
+        "OMPSelector(weights='raw', nonnegative=False, dtype='float32', ridge=0.5, max_weight=8.0)"
+    )
