@@ -42,11 +42,11 @@ from lightning_sbp.recipes.evaluation import ClassifierEvaluation
 from lightning_sbp.selectors import OMPSelector, Selector, get_selector
 
 CANDIDATES: dict[str, dict[str, Any] | None] = {
-    "normalized": {},
-    "raw": {"weights": "raw"},
+    "normalized": {"nonnegative": False},
+    "raw": {"weights": "raw", "nonnegative": False},
     "nonnegative": {"nonnegative": True},
-    "ridge": {"ridge": 0.1},
-    "unguarded": {"max_weight": 1e30},
+    "ridge": {"ridge": 0.1, "nonnegative": False},
+    "unguarded": {"max_weight": 1e30, "nonnegative": False},
     "uniform": {"weights": "uniform"},
     "random": None,
 }

@@ -25,11 +25,10 @@ from lightning_sbp.selectors.omp import DEFAULT_MAX_WEIGHT, bounded_weights
 SCHEMES: list[dict[str, Any]] = [
     {},
     {"weights": "normalized"},
-    {"weights": "raw"},
+    {"weights": "normalized", "nonnegative": True},
     {"nonnegative": True},
-    {"weights": "raw", "nonnegative": True},
+    {"weights": "normalized", "ridge": 0.1},
     {"ridge": 0.1},
-    {"weights": "raw", "ridge": 0.1},
     {"weights": "uniform"},
     {"max_weight": 3.0},
 ]
@@ -78,24 +77,24 @@ def test_coefficients_that_cancel_fall_back_to_uniform_and_are_counted(eta: floa
     unguarded = 2 * coef / coef.sum()
     assert not torch.isfinite(unguarded).all() or float(unguarded.abs().max()) > 50
 
-    selector = OMPSelector()
+    selector = OMPSelector(weights="normalized")  # the paper's weights
     selection = selector.select(scores, 2, generator())
     assert_bounded(selection, 2, DEFAULT_MAX_WEIGHT)
     assert torch.equal(selection.weights, torch.ones(2))  # the documented fallback: uniform, summing to k
     assert float(selection.stats["weight_fallbacks"]) == 1.0
 
     # The same coefficients as raw weights are small and used as they are.
-    raw = OMPSelector(weights="raw").select(scores, 2, generator())
+    raw = OMPSelector().select(scores, 2, generator())  # the default: raw
     torch.testing.assert_close(raw.weights, 2 * coef.float(), atol=1e-5, rtol=1e-4)
     assert float(raw.stats["weight_fallbacks"]) == 0.0 and float(raw.stats["negative_weight_share"]) == 0.5
     # Non-negative coefficients cannot cancel.
-    nonneg = OMPSelector(nonnegative=True).select(scores, 2, generator())
+    nonneg = OMPSelector(weights="normalized", nonnegative=True).select(scores, 2, generator())
     assert (nonneg.weights >= 0).all() and float(nonneg.stats["weight_fallbacks"]) == 0.0
     assert float(nonneg.weights.sum()) == pytest.approx(2.0)
 
 
 def test_the_fallback_count_accumulates_and_is_checkpointed() -> None:
-    selector = OMPSelector()
+    selector = OMPSelector(weights="normalized")
     safe = binary_scores(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.5]]))
     counts = []
     for scores in (cancelling_batch(0.0), safe, cancelling_batch(1e-3), cancelling_batch(0.0)):
@@ -103,7 +102,7 @@ def test_the_fallback_count_accumulates_and_is_checkpointed() -> None:
     assert counts == [1.0, 1.0, 2.0, 3.0]
     assert selector.state_dict() == {"weight_fallbacks": 3}
 
-    restored = OMPSelector()
+    restored = OMPSelector(weights="normalized")
     restored.load_state_dict(selector.state_dict())
     assert float(restored.select(cancelling_batch(0.0), 2, generator()).stats["weight_fallbacks"]) == 4.0
     assert OMPSelector().state_dict() == {"weight_fallbacks": 0}
@@ -161,7 +160,7 @@ def test_the_paper_weights_would_break_the_bound_on_such_batches() -> None:
     """The randomised test above is not vacuous: unguarded, the same batches exceed the bound."""
     g = torch.Generator().manual_seed(1)
     largest = 0.0
-    fallbacks = OMPSelector()
+    fallbacks = OMPSelector(weights="normalized")
     for _ in range(30):
         centers = torch.randn(4, 6, generator=g)
         features = centers[torch.randint(4, (32,), generator=g)] + 1e-3 * torch.randn(32, 6, generator=g)
@@ -208,7 +207,7 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("options", [{}, {"weights": "raw"}, {"ridge": 0.1, "nonnegative": True}])
+@pytest.mark.parametrize("options", [{}, {"weights": "normalized"}, {"ridge": 0.1, "nonnegative": True}])
 def test_selection_with_fallback_reads_nothing_on_the_host(options: dict[str, Any]) -> None:
     selector = OMPSelector(**options)
     scores = cancelling_batch(0.0)

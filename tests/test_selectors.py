@@ -291,7 +291,7 @@ def test_gradnorm_smoothing_mixes_in_the_uniform_distribution() -> None:
 def test_omp_weights_options() -> None:
     scores = random_scores(32, seed=4)
     k = 8
-    normalized = OMPSelector().select(scores, k, generator())
+    normalized = OMPSelector(weights="normalized").select(scores, k, generator())
     assert float(normalized.weights.sum()) == pytest.approx(k, rel=1e-5)
 
     uniform = OMPSelector(weights="uniform").select(scores, k, generator())
@@ -300,12 +300,12 @@ def test_omp_weights_options() -> None:
 
     gram = gradient_gram(*scores.require_last_layer("test"), bias=True)
     indices, coef = omp_gram(gram, gram.mean(dim=1), k)
-    raw = OMPSelector(weights="raw").select(scores, k, generator())
+    raw = OMPSelector(weights="raw", nonnegative=False).select(scores, k, generator())
     assert torch.equal(raw.indices, indices)
     assert torch.allclose(raw.weights, k * coef)
     assert torch.allclose(normalized.weights, k * coef / coef.sum())
 
-    nonneg = OMPSelector(nonnegative=True, dtype="float64").select(scores, k, generator())
+    nonneg = OMPSelector(weights="normalized", nonnegative=True, dtype="float64").select(scores, k, generator())
     assert_valid(nonneg, 32, k)
     assert (nonneg.weights >= 0).all()
     assert float(nonneg.weights.sum()) == pytest.approx(k, rel=1e-5)
@@ -315,7 +315,7 @@ def test_omp_normalized_falls_back_to_uniform_when_coefficients_do_not_sum_to_a_
     # All-zero gradients: every coefficient is 0.
     n = 6
     scores = Scores(torch.zeros(n), None, torch.zeros(n, 3), torch.randn(n, 4), True)
-    selection = OMPSelector().select(scores, 3, generator())
+    selection = OMPSelector(weights="normalized").select(scores, 3, generator())
     assert_valid(selection, n, 3)
     assert torch.equal(selection.weights, torch.ones(3))
 
@@ -373,12 +373,12 @@ def test_omp_matches_the_batch_gradient_better_than_random_subsets() -> None:
         assert rms_random == pytest.approx(float(random_subset_gradient_error(gram, k)), rel=0.15)
 
         # The least-squares weights themselves match the batch gradient far better than random ...
-        raw = error_of(gram, OMPSelector(weights="raw").select(scores, k, generator()))
+        raw = error_of(gram, OMPSelector(weights="raw", nonnegative=False).select(scores, k, generator()))
         assert raw < 0.5 * mean_random, (k, raw, mean_random)
         # ... and so do the weights rescaled to sum to k, once the subset is not tiny (at k = N/8 they
         # are only on a par with random here: the rescaling undoes part of the fit).
         if k >= 16:
-            normalized = error_of(gram, OMPSelector().select(scores, k, generator()))
+            normalized = error_of(gram, OMPSelector(weights="normalized").select(scores, k, generator()))
             assert normalized < mean_random, (k, normalized, mean_random)
 
         # Unbiased importance sampling beats random on average too.

@@ -77,12 +77,13 @@ class OMPSelector(Selector):
     The training step's subset loss is ``(1/k) sum_{i in S} w_i l_i``, so the weights in example
     units that reproduce the OMP combination are ``w_i = k * c_i``. The ``weights`` option:
 
-    * ``"normalized"`` (default, as in arXiv 2312.05021): ``w = k * c / sum(c)``, the coefficients
-      rescaled to sum to ``k``, which keeps their relative sizes but fixes the step size to that of
-      a uniform subset.
+    * ``"raw"`` (default): ``w = k * c``, the least-squares fit itself in example units. The step then
+      approximates the full batch's, on its scale: the weights sum to ``k`` only when the fit
+      preserves the gradient's scale.
+    * ``"normalized"`` (the scheme of arXiv 2312.05021): ``w = k * c / sum(c)``, the coefficients
+      rescaled to sum to ``k``. The step becomes the fitted gradient divided by ``sum(c)``: when the
+      batch's gradients cancel (label noise, binary heads), far larger than the full batch's.
     * ``"uniform"``: all ones; OMP only chooses the examples.
-    * ``"raw"``: ``w = k * c``, the least-squares fit itself in example units (not rescaled; its sum
-      is ``k`` only when the fit preserves the gradient's scale).
 
     Every scheme keeps ``|w_i| <= max_weight``: weights that would break the bound, or that cannot be
     formed (non-finite coefficients; ``sum(c) <= 0`` for ``"normalized"``), are replaced by all ones,
@@ -96,7 +97,8 @@ class OMPSelector(Selector):
 
     Args:
         weights: how the OMP coefficients become weights: ``"normalized"``, ``"uniform"`` or ``"raw"``.
-        nonnegative: constrain the OMP coefficients to be non-negative (drop-and-refit).
+        nonnegative: constrain the OMP coefficients to be non-negative (clipping, then projected
+            least-squares rounds).
         dtype: precision of the Gram matrix and of OMP, ``"float32"`` or ``"float64"`` (slow on GPUs,
             unsupported on some accelerators, but better conditioned for large batches).
         ridge: the ridge strength ``ρ >= 0`` relative to the mean squared gradient norm; ``0`` is plain
@@ -112,7 +114,7 @@ class OMPSelector(Selector):
 
     def __init__(
         self,
-        weights: Weighting = "normalized",
+        weights: Weighting = "raw",
         nonnegative: bool = False,
         dtype: GramDtype = "float32",
         ridge: float = 0.0,
