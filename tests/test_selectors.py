@@ -63,8 +63,9 @@ def test_every_selector_gives_k_distinct_indices_in_range(name: str, n: int, k: 
     for seed in range(2):
         selection = selector.select(random_scores(n, seed=seed), k, generator(seed))
         assert_valid(selection, n, k)
-        if name == "omp":
-            assert float(selection.weights.sum()) == pytest.approx(k, rel=1e-5)
+        if isinstance(selector, OMPSelector):  # raw least-squares weights by default, within the bound
+            assert torch.isfinite(selection.weights).all()
+            assert float(selection.weights.abs().max()) <= selector.max_weight
         if not selector.weighted:
             assert torch.equal(selection.weights, torch.ones(k))
 
