@@ -265,3 +265,82 @@ def test_each_method_is_reported_at_its_best_learning_rate_and_speedups_use_the_
     assert [(row.method, row.lr) for row in selected] == [(FULL, 0.2), ("omp", 0.1)]  # ties keep the first
     assert [row.speedup for row in selected] == [1.0, 2.0]
     assert [(row.method, row.lr) for row in select_best_lr(rows, "min")] == [(FULL, 0.1), ("omp", 0.1)]
+
+
+# --- selector variants ------------------------------------------------------------------------------
+
+
+def test_selector_variants_are_methods_with_their_own_rows_ids_and_callbacks() -> None:
+    spec = grid(
+        methods=[
+            "omp",
+            "omp:weights=raw",
+            "omp: nonnegative=True",
+            "omp:weights=raw,ridge=1e-1",
+            "omp:nonnegative=true",
+        ],
+        keep=[0.5],
+        lr={"omp:ridge=0.1,weights=raw": [0.1], "omp:nonnegative=True": [0.2]},
+    )
+    assert spec.methods == ["omp", "omp:weights=raw", "omp:nonnegative=true", "omp:ridge=0.1,weights=raw"]
+    assert spec.lr == {"omp:ridge=0.1,weights=raw": [0.1], "omp:nonnegative=true": [0.2]}
+    runs = expand(spec, "fingerprint", 64)
+    assert [run.method for run in runs] == spec.methods
+    assert len({run.run_id for run in runs}) == len(runs)
+    assert [run.run_id for run in expand(spec, "fingerprint", 64)] == [run.run_id for run in runs]
+    assert runs[1].run_id.startswith("omp-weights-raw-keep0.5-seed0-")
+    assert all(":" not in run.run_id and "=" not in run.run_id for run in runs)
+
+    def selector(run: Any) -> Any:
+        arg = next(arg for arg in run.args if arg.startswith("--trainer.callbacks+="))
+        return json.loads(arg.split("=", 1)[1])["init_args"]["selector"]
+
+    assert selector(runs[0]) == "omp"  # plain names keep their arguments, hence their run ids
+    assert selector(runs[1]) == {
+        "class_path": "lightning_sbp.selectors.omp.OMPSelector",
+        "init_args": {"weights": "raw"},
+    }
+    assert selector(runs[3])["init_args"] == {"ridge": 0.1, "weights": "raw"}
+    assert runs[2].lr == 0.2 and runs[3].lr == 0.1
+
+
+def test_a_variant_builds_the_selector_it_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_sbp import SelectiveBackprop
+    from lightning_sbp.cli import SelectiveBackpropCLI
+    from lightning_sbp.compare.runner import base_args
+    from lightning_sbp.selectors import OMPSelector
+
+    spec = grid(methods=["omp:nonnegative=true,weights=raw"], keep=[0.25])
+    (run,) = expand(spec, "fingerprint", 64)
+    args = [*base_args(spec), *run.args, "--trainer.logger=false", "--trainer.enable_checkpointing=false"]
+    monkeypatch.setattr("sys.argv", ["lightning-sbp"])  # LightningCLI reads it besides `args`
+    cli = SelectiveBackpropCLI(args=args, run=False, save_config_callback=None)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, SelectiveBackprop)]
+    assert isinstance(callback.selector, OMPSelector)
+    assert callback.selector.weights == "raw" and callback.selector.nonnegative is True
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ("omp:weights=sum", "'normalized', 'uniform', 'raw'"),
+        ("omp:no_such_option=1", "no_such_option"),
+        ("omp:weights", "KEY=VALUE"),
+        ("omp:", "KEY=VALUE"),
+        ("omp:weights=raw,weights=raw", "twice"),
+        ("full:keep=1", "takes no options"),
+        ("bogus:weights=raw", "unknown method"),
+    ],
+)
+def test_bad_variants_are_grid_errors(method: str, message: str) -> None:
+    with pytest.raises(GridError, match=message.replace("(", r"\(")):
+        grid(methods=[method], keep=[0.5])
+
+
+def test_variants_on_the_command_line(tmp_path: Path, counts: Counts, capsys: pytest.CaptureFixture[str]) -> None:
+    fits = counts.fits
+    output = tmp_path / "new"
+    assert compare([*TINY, "--output", str(output), "--methods", "omp", "omp:weights=raw", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs" in out and "omp-weights-raw-keep0.5" in out
+    assert counts.fits == fits

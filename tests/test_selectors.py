@@ -63,8 +63,9 @@ def test_every_selector_gives_k_distinct_indices_in_range(name: str, n: int, k: 
     for seed in range(2):
         selection = selector.select(random_scores(n, seed=seed), k, generator(seed))
         assert_valid(selection, n, k)
-        if name == "omp":
-            assert float(selection.weights.sum()) == pytest.approx(k, rel=1e-5)
+        if isinstance(selector, OMPSelector):  # raw least-squares weights by default, within the bound
+            assert torch.isfinite(selection.weights).all()
+            assert float(selection.weights.abs().max()) <= selector.max_weight
         if not selector.weighted:
             assert torch.equal(selection.weights, torch.ones(k))
 
@@ -291,7 +292,7 @@ def test_gradnorm_smoothing_mixes_in_the_uniform_distribution() -> None:
 def test_omp_weights_options() -> None:
     scores = random_scores(32, seed=4)
     k = 8
-    normalized = OMPSelector().select(scores, k, generator())
+    normalized = OMPSelector(weights="normalized").select(scores, k, generator())
     assert float(normalized.weights.sum()) == pytest.approx(k, rel=1e-5)
 
     uniform = OMPSelector(weights="uniform").select(scores, k, generator())
@@ -300,12 +301,12 @@ def test_omp_weights_options() -> None:
 
     gram = gradient_gram(*scores.require_last_layer("test"), bias=True)
     indices, coef = omp_gram(gram, gram.mean(dim=1), k)
-    raw = OMPSelector(weights="raw").select(scores, k, generator())
+    raw = OMPSelector(weights="raw", nonnegative=False).select(scores, k, generator())
     assert torch.equal(raw.indices, indices)
     assert torch.allclose(raw.weights, k * coef)
     assert torch.allclose(normalized.weights, k * coef / coef.sum())
 
-    nonneg = OMPSelector(nonnegative=True, dtype="float64").select(scores, k, generator())
+    nonneg = OMPSelector(weights="normalized", nonnegative=True, dtype="float64").select(scores, k, generator())
     assert_valid(nonneg, 32, k)
     assert (nonneg.weights >= 0).all()
     assert float(nonneg.weights.sum()) == pytest.approx(k, rel=1e-5)
@@ -315,7 +316,7 @@ def test_omp_normalized_falls_back_to_uniform_when_coefficients_do_not_sum_to_a_
     # All-zero gradients: every coefficient is 0.
     n = 6
     scores = Scores(torch.zeros(n), None, torch.zeros(n, 3), torch.randn(n, 4), True)
-    selection = OMPSelector().select(scores, 3, generator())
+    selection = OMPSelector(weights="normalized").select(scores, 3, generator())
     assert_valid(selection, n, 3)
     assert torch.equal(selection.weights, torch.ones(3))
 
@@ -373,12 +374,12 @@ def test_omp_matches_the_batch_gradient_better_than_random_subsets() -> None:
         assert rms_random == pytest.approx(float(random_subset_gradient_error(gram, k)), rel=0.15)
 
         # The least-squares weights themselves match the batch gradient far better than random ...
-        raw = error_of(gram, OMPSelector(weights="raw").select(scores, k, generator()))
+        raw = error_of(gram, OMPSelector(weights="raw", nonnegative=False).select(scores, k, generator()))
         assert raw < 0.5 * mean_random, (k, raw, mean_random)
         # ... and so do the weights rescaled to sum to k, once the subset is not tiny (at k = N/8 they
         # are only on a par with random here: the rescaling undoes part of the fit).
         if k >= 16:
-            normalized = error_of(gram, OMPSelector().select(scores, k, generator()))
+            normalized = error_of(gram, OMPSelector(weights="normalized").select(scores, k, generator()))
             assert normalized < mean_random, (k, normalized, mean_random)
 
         # Unbiased importance sampling beats random on average too.
@@ -436,6 +437,10 @@ def test_a_user_selector_is_retrievable_by_name() -> None:
         ("omp", {"dtype": "float16"}, "'float32', 'float64'"),
         ("omp", {"nonnegative": "yes"}, "nonnegative"),
         ("omp", {"sketch_dim": 0}, "sketch_dim must be None"),
+        ("omp", {"ridge": -0.1}, "ridge"),
+        ("omp", {"ridge": math.inf}, "ridge"),
+        ("omp", {"max_weight": 0.5}, "max_weight"),
+        ("omp", {"max_weight": math.nan}, "max_weight"),
     ],
 )
 def test_bad_constructor_arguments_raise_value_error(name: str, kwargs: dict[str, object], match: str) -> None:
@@ -445,6 +450,6 @@ def test_bad_constructor_arguments_raise_value_error(name: str, kwargs: dict[str
 
 def test_repr_shows_the_arguments() -> None:
     assert repr(LossSelector(history=8, beta=2.0)) == "LossSelector(history=8, beta=2.0)"
-    assert repr(OMPSelector()) == (
-        "OMPSelector(weights='normalized', nonnegative=False, dtype='float32', sketch_dim=None)"
+    assert repr(OMPSelector(weights="raw", ridge=0.5)) == (
+        "OMPSelector(weights='raw', nonnegative=False, dtype='float32', ridge=0.5, max_weight=8.0, sketch_dim=None)"
     )

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from lightning_sbp.functional.batch import subset_size
-from lightning_sbp.selectors import available_selectors
+from lightning_sbp.selectors import available_selectors, get_selector
 
 __all__ = [
     "FULL",
@@ -39,6 +39,7 @@ __all__ = [
     "nest",
     "override_args",
     "parse_assignment",
+    "parse_method",
 ]
 
 FULL = "full"
@@ -69,8 +70,66 @@ class GridError(ValueError):
 
 
 def available_methods() -> list[str]:
-    """``full``, ``small-batch`` and every registered selector name."""
+    """``full``, ``small-batch`` and every registered selector name.
+
+    A selector method may carry options for the selector's constructor: ``omp:weights=raw``,
+    ``omp:nonnegative=true,ridge=0.1`` (see :func:`parse_method`).
+    """
     return [FULL, SMALL_BATCH, *available_selectors()]
+
+
+def parse_method(method: str) -> tuple[str, dict[str, Any]]:
+    """A method's name and selector options: ``"omp:weights=raw,ridge=0.1"`` as ``("omp", {...})``.
+
+    The options follow the name after a colon, as comma-separated ``KEY=VALUE`` pairs with YAML
+    values (``true``, ``0.1``, ``raw``); they are passed to the selector's constructor.
+
+    Raises:
+        GridError: for an unknown name, options on ``full`` or ``small-batch``, a malformed or
+            repeated option, or options the selector refuses.
+    """
+    name, sep, rest = method.partition(":")
+    name = name.strip()
+    if name not in available_methods():
+        raise GridError(f"unknown method {method!r}; methods: {', '.join(available_methods())}")
+    if not sep:
+        return name, {}
+    if name in (FULL, SMALL_BATCH):
+        raise GridError(f"method {name!r} takes no options, got {method!r}")
+    options: dict[str, Any] = {}
+    for item in rest.split(","):
+        key, eq, text = (part.strip() for part in item.partition("="))
+        if not eq or not key.isidentifier() or not text:
+            raise GridError(f"method {method!r}: options are KEY=VALUE pairs after the colon, e.g. omp:weights=raw")
+        if key in options:
+            raise GridError(f"method {method!r} sets {key!r} twice")
+        options[key] = _option_value(text)
+    try:
+        get_selector(name, **options)
+    except (TypeError, ValueError) as err:
+        raise GridError(f"method {method!r}: {err}") from None
+    return name, options
+
+
+def _option_value(text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            return float(value) if any(char.isdigit() for char in value) else value
+        except ValueError:
+            return value
+    return value
+
+
+def _canonical_method(method: str) -> str:
+    """The spelling of a method that names it in rows, plots and run ids: options sorted, values normalised."""
+    name, options = parse_method(method)
+    if not options:
+        return name
+    return f"{name}:" + ",".join(f"{key}={_arg_value(options[key])}" for key in sorted(options))
 
 
 @dataclass(frozen=True)
@@ -95,7 +154,8 @@ class Grid:
     Attributes:
         base: the base LightningCLI configuration (model, data, trainer).
         output: the directory that receives the runs, the summary and the plots.
-        methods: methods in the order they were given.
+        methods: methods in the order they were given; a selector's options in one spelling, sorted by key
+            (``omp:nonnegative=true,weights=raw``).
         keep: keep fractions of the methods that select (every method but ``full``).
         label_noise: label-noise levels; ``[None]`` keeps the base configuration's.
         seeds: one run per seed: ``seed_everything`` and the callback's ``seed``.
@@ -186,7 +246,7 @@ class Run:
     """One cell of the grid: one Lightning fit.
 
     Attributes:
-        method: ``full``, ``small-batch`` or a selector name.
+        method: ``full``, ``small-batch`` or a selector name, possibly with options (``omp:weights=raw``).
         keep: the keep fraction; ``None`` for ``full``.
         label_noise: the label-noise level; ``None`` keeps the base configuration's.
         seed: ``seed_everything`` and the callback's ``seed``.
@@ -351,10 +411,15 @@ def _make_run(
         batch = subset_size(keep, base_batch_size)
         args.append(f"--{keys.batch_size}={batch}")
     elif method != FULL:
-        init_args = {"selector": method, "keep": keep, "seed": seed}
+        name, options = parse_method(method)
+        selector: str | dict[str, Any] = name
+        if options:
+            cls = type(get_selector(name, **options))
+            selector = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": options}
+        init_args = {"selector": selector, "keep": keep, "seed": seed}
         callback = {"class_path": "lightning_sbp.SelectiveBackprop", "init_args": init_args}
         args.append(f"--trainer.callbacks+={json.dumps(callback)}")
-    parts = [method]
+    parts = [method.replace(":", "-").replace("=", "-").replace(",", "-")]
     if keep is not None:
         parts.append(f"keep{keep:g}")
     if noise is not None:
@@ -395,10 +460,10 @@ def _methods(value: Any) -> list[str]:
     if not methods:
         raise GridError(f"empty grid: no methods; give --methods or `methods:` from {', '.join(available_methods())}")
     allowed = available_methods()
-    unknown = [method for method in methods if method not in allowed]
+    unknown = [method for method in methods if method.partition(":")[0].strip() not in allowed]
     if unknown:
         raise GridError(f"unknown method(s) {', '.join(map(repr, unknown))}; methods: {', '.join(allowed)}")
-    return methods
+    return _unique([_canonical_method(method) for method in methods])
 
 
 def _number(name: str, value: Any) -> float:
@@ -437,7 +502,10 @@ def _seeds(value: Any) -> list[int]:
 def _learning_rates(value: Any, methods: list[str]) -> dict[str, list[float]]:
     if value is None:
         return {}
-    table = dict(value) if isinstance(value, Mapping) else {method: value for method in methods}
+    if isinstance(value, Mapping):
+        table = {_method_key(str(method)): rates for method, rates in value.items()}
+    else:
+        table = {method: value for method in methods}
     unknown = [method for method in table if method not in methods]
     if unknown:
         raise GridError(f"lr given for method(s) {', '.join(map(repr, unknown))} that are not in the grid's methods")
@@ -450,6 +518,13 @@ def _learning_rates(value: Any, methods: list[str]) -> dict[str, list[float]]:
             raise GridError(f"learning rates must be positive, got {numbers} for {method}")
         rates[method] = numbers
     return rates
+
+
+def _method_key(method: str) -> str:
+    try:
+        return _canonical_method(method)
+    except GridError:
+        return method  # reported as a method that is not in the grid
 
 
 def _keys(value: Any) -> ConfigKeys:

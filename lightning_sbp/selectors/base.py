@@ -20,15 +20,17 @@ class Selection:
 
     Attributes:
         indices: ``long`` tensor of shape ``[k]`` with distinct row indices into the batch.
-        weights: float tensor of shape ``[k]`` in example units: all ones for a uniform subset;
-            weighted selectors normalise them to sum to ``k``.
-        stats: scalar tensors the selector reports about this selection (for example statistics
-            of its weights), logged as ``sbp/<key>`` on the steps the loggers write.
+        weights: float tensor of shape ``[k]`` in example units: all ones for a uniform subset. They
+            sum to ``k`` on every step for ``omp``'s ``normalized`` weights, only in expectation for
+            ``gradnorm``'s unbiased importance weights, and not by construction for ``omp``'s ``raw`` ones.
+        stats: per-selection diagnostics as 0-dim tensors on the device of the scores, e.g.
+            ``max_abs_weight``; the callback logs each entry as ``sbp/<key>`` on logging steps. Empty
+            unless the selector has something to report.
     """
 
     indices: Tensor
     weights: Tensor
-    stats: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, Tensor] = field(default_factory=dict, compare=False)
 
     @classmethod
     def uniform(cls, indices: Tensor) -> Selection:

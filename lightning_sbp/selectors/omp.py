@@ -2,18 +2,61 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+import math
+from typing import Any, Literal, get_args
 
 import torch
+from torch import Tensor
 
 from lightning_sbp.functional.omp import omp_gram
 from lightning_sbp.selectors.base import Scores, Selection, Selector
 from lightning_sbp.selectors.registry import register_selector
 
-__all__ = ["OMPSelector"]
+__all__ = ["DEFAULT_MAX_WEIGHT", "OMPSelector", "bounded_weights"]
 
 Weighting = Literal["normalized", "uniform", "raw"]
 GramDtype = Literal["float32", "float64"]
+
+DEFAULT_MAX_WEIGHT = 8.0
+"""The default bound on ``|w_i|``: one example may count for at most eight of the subset."""
+
+
+def bounded_weights(coef: Tensor, k: int, weights: Weighting, max_weight: float) -> tuple[Tensor, Tensor]:
+    """Weights in example units from OMP coefficients, within ``|w_i| <= max_weight``, or uniform.
+
+    ``"raw"`` gives ``w = k * c``, ``"normalized"`` ``w = k * c / sum(c)`` and ``"uniform"`` all ones.
+    The weights are *unsafe* when a coefficient is not finite, when ``sum(c) <= 0`` (``"normalized"``
+    only), or when some ``|w_i| > max_weight``. Since ``max|w| >= sum|w| / k = sum|c| / sum(c)`` for
+    ``"normalized"``, the last test also refuses coefficients that nearly cancel: ``sum(c)`` is never
+    below ``sum|c| / max_weight``. Unsafe weights are replaced by all ones, which sum to ``k`` like
+    normalised weights and keep the step on the scale of a uniform subset. Everything stays on the
+    device of ``coef``; nothing is read on the host.
+
+    Args:
+        coef: the OMP coefficients ``[k]``.
+        k: the subset size.
+        weights: ``"normalized"``, ``"raw"`` or ``"uniform"``.
+        max_weight: the bound, at least 1.
+
+    Returns:
+        ``(weights, fell_back)``: float32 weights ``[k]`` with ``|w_i| <= max_weight``, and a 0-dim
+        ``bool`` tensor, true when the weights fell back to uniform.
+    """
+    ones = torch.ones(coef.shape, dtype=torch.float32, device=coef.device)
+    if weights == "uniform":
+        return ones, torch.zeros((), dtype=torch.bool, device=coef.device)
+    coef = coef.float()
+    finite = torch.isfinite(coef).all()
+    coef = torch.where(torch.isfinite(coef), coef, 0.0)
+    if weights == "raw":
+        scaled, valid = k * coef, finite
+    else:
+        total = coef.sum()
+        valid = finite & (total > 0)
+        scaled = coef * (k / torch.where(valid, total, 1.0))
+    # A NaN or infinite weight fails the comparison, so it falls back too.
+    safe = valid & (scaled.abs() <= max_weight).all()
+    return torch.where(safe, scaled, ones), ~safe
 
 
 @register_selector("omp")
@@ -25,30 +68,48 @@ class OMPSelector(Selector):
     when the layer has no bias). OMP then picks ``k`` examples and coefficients ``c`` so that
     ``sum_{i in S} c_i g_i`` approximates the mean gradient ``(1/N) sum_j g_j`` (target ``K · 1/N``).
 
+    With ``ridge = ρ > 0`` the fit is ridge regression: OMP runs on ``K + λ I`` with
+    ``λ = ρ · mean(diag K)`` (the mean squared gradient norm) and the same target. That is OMP, exactly,
+    on the augmented atoms ``[g_i; sqrt(λ) e_i]`` and signal ``[ḡ; 0]``: every pick maximises the
+    correlation with the ridge residual, and every refit minimises ``‖G_S c − ḡ‖² + λ ‖c‖²``, which
+    damps the large opposite coefficients of nearly collinear gradients.
+
     The training step's subset loss is ``(1/k) sum_{i in S} w_i l_i``, so the weights in example
     units that reproduce the OMP combination are ``w_i = k * c_i``. The ``weights`` option:
 
-    * ``"normalized"`` (default, as in arXiv 2312.05021): ``w = k * c / sum(c)``, the coefficients
-      rescaled to sum to ``k``, which keeps their relative sizes but fixes the step size to that of
-      a uniform subset. When ``sum(c)`` is not positive the weights fall back to uniform.
+    * ``"raw"`` (default): ``w = k * c``, the least-squares fit itself in example units. The step then
+      approximates the full batch's, on its scale: the weights sum to ``k`` only when the fit
+      preserves the gradient's scale.
+    * ``"normalized"`` (the scheme of arXiv 2312.05021): ``w = k * c / sum(c)``, the coefficients
+      rescaled to sum to ``k``. The step becomes the fitted gradient divided by ``sum(c)``: when the
+      batch's gradients cancel (label noise, binary heads), far larger than the full batch's.
     * ``"uniform"``: all ones; OMP only chooses the examples.
-    * ``"raw"``: ``w = k * c``, the least-squares fit itself in example units (not rescaled; its sum
-      is ``k`` only when the fit preserves the gradient's scale). Non-finite coefficients become 0.
+
+    Every scheme keeps ``|w_i| <= max_weight``: weights that would break the bound, or that cannot be
+    formed (non-finite coefficients; ``sum(c) <= 0`` for ``"normalized"``), are replaced by all ones,
+    which sum to ``k`` (see :func:`bounded_weights`). Each selection reports in ``Selection.stats``:
+    ``max_abs_weight``, ``negative_weight_share`` (the fraction of the ``k`` weights below zero) and
+    ``weight_fallbacks`` (the number of selections, since the start of training, whose weights fell
+    back to uniform; part of the checkpoint).
 
     Examples with a non-finite loss, features or logit gradient are given a zero gradient, so they
     are picked (with coefficient 0) only when the support cannot be filled otherwise.
 
     Args:
         weights: how the OMP coefficients become weights: ``"normalized"``, ``"uniform"`` or ``"raw"``.
-        nonnegative: constrain the OMP coefficients to be non-negative (drop-and-refit).
+        nonnegative: constrain the OMP coefficients to be non-negative (clipping, then projected
+            least-squares rounds).
         dtype: precision of the Gram matrix and of OMP, ``"float32"`` or ``"float64"`` (slow on GPUs,
             unsupported on some accelerators, but better conditioned for large batches).
         sketch_dim: for heads too large for the exact Gram matrix (language models), estimate it from a
             TensorSketch of this dimension, drawn afresh on every step, whenever that is cheaper than the
             exact forms (see :func:`~lightning_sbp.functional.gradient_gram`); ``None`` keeps it exact.
+        ridge: the ridge strength ``ρ >= 0`` relative to the mean squared gradient norm; ``0`` is plain
+            least squares.
+        max_weight: the bound on every ``|w_i|``, at least 1 (uniform weights must satisfy it).
 
     Raises:
-        ValueError: for a value of ``weights`` or ``dtype`` outside the allowed ones.
+        ValueError: for a value of an argument outside the allowed ones.
     """
 
     needs_last_layer = True
@@ -56,9 +117,11 @@ class OMPSelector(Selector):
 
     def __init__(
         self,
-        weights: Weighting = "normalized",
+        weights: Weighting = "raw",
         nonnegative: bool = False,
         dtype: GramDtype = "float32",
+        ridge: float = 0.0,
+        max_weight: float = DEFAULT_MAX_WEIGHT,
         sketch_dim: int | None = None,
     ) -> None:
         if weights not in get_args(Weighting):
@@ -71,24 +134,51 @@ class OMPSelector(Selector):
             isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim < 1
         ):
             raise ValueError(f"sketch_dim must be None (exact) or a positive integer, got {sketch_dim!r}")
+        if not _is_number(ridge) or not 0.0 <= ridge < math.inf:
+            raise ValueError(f"ridge must be a finite number >= 0 (0: plain least squares), got {ridge!r}")
+        if not _is_number(max_weight) or not 1.0 <= max_weight < math.inf:
+            raise ValueError(f"max_weight must be a finite number >= 1 (uniform weights are 1), got {max_weight!r}")
         self.weights = weights
         self.nonnegative = nonnegative
         self.dtype = dtype
+        self.ridge = float(ridge)
+        self.max_weight = float(max_weight)
         self.sketch_dim = sketch_dim
+        self._fallbacks: Tensor | None = None
 
     def select(self, scores: Scores, k: int, generator: torch.Generator) -> Selection:
-        """Pick ``k`` examples by OMP and weigh them by their coefficients."""
+        """Pick ``k`` examples by OMP and weigh them by their coefficients, within the bound."""
         scores.require_last_layer(type(self).__name__)
         gram = scores.gram_in(getattr(torch, self.dtype), self.sketch_dim, generator)
         target = gram.mean(dim=1)
+        if self.ridge > 0:
+            gram = gram.clone()  # the scores cache the plain Gram matrix
+            gram.diagonal().add_(gram.diagonal().mean() * self.ridge)
         indices, coef = omp_gram(gram, target, k, nonnegative=self.nonnegative)
-        coef = torch.where(torch.isfinite(coef), coef, torch.zeros_like(coef)).float()
+        weights, fell_back = bounded_weights(coef, k, self.weights, self.max_weight)
+        fallbacks = self._fallback_count(weights.device).add_(fell_back)
+        stats = {
+            "max_abs_weight": weights.abs().amax(),
+            "negative_weight_share": (weights < 0).float().mean(),
+            "weight_fallbacks": fallbacks.float(),
+        }
+        return Selection(indices, weights, stats)
 
-        if self.weights == "uniform":
-            return Selection.uniform(indices)
-        if self.weights == "raw":
-            return Selection(indices, k * coef)
-        total = coef.sum()  # finite: the coefficients were made finite above
-        positive = total > 0
-        weights = torch.where(positive, coef * (k / torch.where(positive, total, 1.0)), 1.0)
-        return Selection(indices, weights)
+    def _fallback_count(self, device: torch.device) -> Tensor:
+        if self._fallbacks is None:
+            self._fallbacks = torch.zeros((), dtype=torch.long, device=device)
+        elif self._fallbacks.device != device:
+            self._fallbacks = self._fallbacks.to(device)
+        return self._fallbacks
+
+    def state_dict(self) -> dict[str, Any]:
+        """The number of selections whose weights fell back to uniform: ``{"weight_fallbacks": int}``."""
+        return {"weight_fallbacks": 0 if self._fallbacks is None else int(self._fallbacks)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the fallback count; it moves to the scores' device at the next select."""
+        self._fallbacks = torch.tensor(int(state.get("weight_fallbacks", 0)), dtype=torch.long)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
