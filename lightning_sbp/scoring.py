@@ -389,11 +389,14 @@ class Scorer:
             capture.armed() if capture else contextlib.nullcontext(),
         ):
             if self.score_fn is not None:
-                return Scores(losses=self.score_fn(pl_module, batch).detach().float())
-            forward, loss_fn = self.forward_and_loss(pl_module)
-            logits, targets, losses = self._forward(pl_module, batch, forward, loss_fn)
+                given = Scores(losses=self.score_fn(pl_module, batch).detach().float())
+            else:
+                forward, loss_fn = self.forward_and_loss(pl_module)
+                logits, targets, losses = self._forward(pl_module, batch, forward, loss_fn)
         if torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu"):
             torch.clear_autocast_cache()
+        if self.score_fn is not None:
+            return given
         if capture is not None and capture.features is not None and capture.features.dim() > 2:
             capture = self._sequence_features(capture)
         if capture is None:
