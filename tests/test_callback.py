@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -428,3 +429,17 @@ def test_score_fn_is_reachable_from_yaml_as_a_dotted_path() -> None:
     config = parser.parse_string("sbp:\n  selector: topk\n  score_fn: helpers.sequence_losses\n")
     sbp = parser.instantiate_classes(config).sbp
     assert sbp.scorer.score_fn is sequence_losses
+
+
+def test_a_ddp_ranks_short_last_batch_is_not_reported_but_a_small_batch_size_is() -> None:
+    from types import SimpleNamespace
+
+    two_ranks: Any = SimpleNamespace(world_size=2)
+    sbp = SelectiveBackprop("random", keep=0.5)
+    sbp._largest_batch = 16  # the rank has seen full batches of 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sbp._report_small_batch(two_ranks, 1, 1)
+    sbp._largest_batch = 1  # every batch holds one example: selection never happens
+    with pytest.warns(UserWarning, match="batch of 1 examples"):
+        sbp._report_small_batch(two_ranks, 1, 1)
