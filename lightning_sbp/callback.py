@@ -21,6 +21,7 @@ from lightning_sbp.score_cache import ScoreCache, score_cache_for
 from lightning_sbp.scoring import (
     SCORE_DTYPES,
     LossFn,
+    ScoreFn,
     ScoreMode,
     ScorePrecision,
     Scorer,
@@ -73,6 +74,11 @@ class SelectiveBackprop(BatchAdapter, Callback):
         stale_epochs: reuse each example's scores for this many epochs after the one that computed
             them, skipping the scoring pass on batches whose scores are all fresh; ``0`` never.
             Needs batches that carry example indices (see :meth:`~lightning_sbp.SelectiveBackprop.example_indices`).
+        score_fn: ``(module, batch) -> per-example losses [N]``: how to score a module whose batch or
+            ``forward`` the defaults cannot read (in YAML, the function's dotted import path). It gives
+            losses only, so it serves the selectors that read nothing else (``random``, ``topk``,
+            ``loss``) and turns gradient-error tracking off; for the others inherit
+            :class:`~lightning_sbp.SelectiveBackpropMixin` and override ``sbp_forward``/``sbp_loss``.
 
     The gradient-error metrics always measure against the full batch scored at the trainer's
     precision and full scale: with a cheaper scoring pass (``score_precision``, ``score_scale``,
@@ -103,6 +109,7 @@ class SelectiveBackprop(BatchAdapter, Callback):
         score_precision: ScorePrecision = "same",
         score_scale: float = 1.0,
         stale_epochs: int = 0,
+        score_fn: ScoreFn | None = None,
     ) -> None:
         if isinstance(selector, str):
             selector = get_selector(selector)
@@ -117,6 +124,11 @@ class SelectiveBackprop(BatchAdapter, Callback):
             raise ValueError(f"score_mode must be 'train' or 'eval', got {score_mode!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
+        if score_fn is not None and not callable(score_fn):
+            raise ValueError(
+                f"score_fn must be a callable (module, batch) -> per-example losses [N], got {score_fn!r}; in YAML "
+                "give its dotted import path"
+            )
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"loss_fn must be a callable (logits, targets) -> per-example losses, got {loss_fn!r}")
         if last_layer is not None and not isinstance(last_layer, str):
@@ -146,7 +158,7 @@ class SelectiveBackprop(BatchAdapter, Callback):
         self.track_grad_error = track_grad_error
         self.exact_grad_error_every = exact_grad_error_every
         self.stale_epochs = stale_epochs
-        self.scorer = Scorer(score_mode, score_precision, float(score_scale), loss_fn, last_layer)
+        self.scorer = Scorer(score_mode, score_precision, float(score_scale), loss_fn, last_layer, score_fn)
         self.score_cache: ScoreCache | None = None
         self.step_log = StepLog()
         self.last_selection: Selection | None = None
@@ -308,6 +320,8 @@ class SelectiveBackprop(BatchAdapter, Callback):
 
         started = time.perf_counter()
         scores, cheap = self._scores(pl_module, batch) if self._scoring else (None, True)
+        if self.scorer.capture is None:
+            self._tracker = None  # the scoring pass found features it cannot serve, and said so
         scored = time.perf_counter()
         selection = self._select(trainer, scores or unscored(size, pl_module.device), k)
         selected = time.perf_counter()

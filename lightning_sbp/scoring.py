@@ -27,18 +27,22 @@ __all__ = [
     "Forward",
     "LastLayerCapture",
     "LossFn",
+    "ScoreFn",
     "ScoreMode",
     "ScorePrecision",
     "Scorer",
+    "ScoringError",
     "cpu_has_fast_kernels",
     "find_last_linear",
     "frozen_running_stats",
     "has_batch_norm",
     "scoring_mode",
+    "sequence_grams_supported",
     "untouched_rng",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+ScoreFn = Callable[[Any, Any], Tensor]
 Forward = Callable[[Any], tuple[Tensor, Tensor]]
 ScoreMode = Literal["train", "eval"]
 ScorePrecision = Literal["same", "bf16", "16"]
@@ -266,12 +270,16 @@ def logit_gradients_by_autograd(loss_fn: Callable[[Tensor, Tensor], Tensor], log
     return grads
 
 
+class ScoringError(RuntimeError):
+    """The default scoring pass cannot read a module's batch or call its ``forward``; the message says how to fix it."""
+
+
 class Scorer:
     """Scores every example of a batch: picks the forward and the loss, the precision and the scale.
 
     A module with :class:`~lightning_sbp.SelectiveBackpropMixin` is scored with its
     ``sbp_forward`` and ``sbp_loss``; any other with :func:`~lightning_sbp.batches.default_forward`
-    and ``loss_fn``.
+    and ``loss_fn``; ``score_fn``, when given, replaces both for any module.
 
     Args:
         mode: ``"train"`` or ``"eval"``, the mode of the modules during the pass (see :func:`scoring_mode`).
@@ -279,6 +287,8 @@ class Scorer:
         scale: fraction of their spatial size the inputs are resampled to, ``0 < scale <= 1``.
         loss_fn: per-example loss of a module without the mixin; per-example cross-entropy when ``None``.
         last_layer: qualified name of the final ``nn.Linear``; the last one registered when ``None``.
+        score_fn: ``(module, batch) -> per-example losses [N]``, for modules whose batch or ``forward``
+            the defaults cannot read; it gives losses only, for the selectors that need nothing else.
 
     Attributes:
         capture: the hook on the final linear layer, when something reads its gradients.
@@ -291,14 +301,18 @@ class Scorer:
         scale: float = 1.0,
         loss_fn: LossFn | None = None,
         last_layer: str | None = None,
+        score_fn: ScoreFn | None = None,
     ) -> None:
         self.mode = mode
         self.precision = precision
         self.scale = scale
         self.loss_fn = loss_fn
         self.last_layer = last_layer
+        self.score_fn = score_fn
         self.capture: LastLayerCapture | None = None
         self.buffers = BufferGuard()
+        self._needs_last_layer = False
+        self._scored_once = False
 
     @property
     def cheap(self) -> bool:
@@ -309,9 +323,25 @@ class Scorer:
         """Find the final linear layer when a selector (``needs_last_layer``) or tracking (``track``) reads it.
 
         Raises:
-            ValueError: if ``needs_last_layer`` or ``last_layer`` names a layer and there is no such layer.
+            ValueError: if ``needs_last_layer`` or ``last_layer`` names a layer and there is no such layer,
+                or if ``needs_last_layer`` and ``score_fn`` gives losses only.
         """
         self.capture = None
+        self._needs_last_layer = needs_last_layer
+        self._scored_once = False
+        if self.score_fn is not None:
+            if needs_last_layer:
+                raise ValueError(
+                    "score_fn gives per-example losses only, but the selector needs the last layer's inputs and "
+                    "gradients: inherit lightning_sbp.SelectiveBackpropMixin and override sbp_forward (and sbp_loss) "
+                    "instead of score_fn, or use a selector that reads losses only (random, topk, loss)"
+                )
+            if track:
+                rank_zero_warn(
+                    "SelectiveBackprop does not track gradient errors: score_fn gives per-example losses only, and "
+                    "the errors need the last layer; set track_grad_error=False to silence this"
+                )
+            track = False
         if needs_last_layer or track:
             try:
                 name, layer = find_last_linear(pl_module, self.last_layer)
@@ -347,8 +377,11 @@ class Scorer:
             return self.score(pl_module, scaled)
 
     def score(self, pl_module: pl.LightningModule, batch: Any) -> Scores:
-        """Scores of every example of ``batch`` under the current precision, with the last layer when captured."""
-        forward, loss_fn = self.forward_and_loss(pl_module)
+        """Scores of every example of ``batch`` under the current precision, with the last layer when captured.
+
+        Raises:
+            ScoringError: at the first pass, when the default forward cannot read the batch or call ``forward``.
+        """
         capture = self.capture
         with (
             untouched_rng(pl_module.device),
@@ -356,10 +389,17 @@ class Scorer:
             scoring_mode(pl_module, self.mode),
             capture.armed() if capture else contextlib.nullcontext(),
         ):
-            logits, targets = forward(batch)
-            losses = loss_fn(logits, targets).detach().float()
+            if self.score_fn is not None:
+                given = Scores(losses=self.score_fn(pl_module, batch).detach().float())
+            else:
+                forward, loss_fn = self.forward_and_loss(pl_module)
+                logits, targets, losses = self._forward(pl_module, batch, forward, loss_fn)
         if torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu"):
             torch.clear_autocast_cache()
+        if self.score_fn is not None:
+            return given
+        if capture is not None and capture.features is not None and capture.features.dim() > 2:
+            capture = self._sequence_features(capture)
         if capture is None:
             return Scores(losses=losses, logits=logits.detach())
         features = capture.take(logits)
@@ -368,3 +408,80 @@ class Scorer:
         return Scores(
             losses=losses, logits=logits.detach(), logit_grads=logit_grads, features=features.float(), bias=bias
         )
+
+    def _forward(
+        self, pl_module: pl.LightningModule, batch: Any, forward: Forward, loss_fn: LossFn
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits, targets and per-example losses; the first time, with the defaults, a failure explains the fix."""
+        if self._scored_once or not _scores_by_default(pl_module, self.score_fn):
+            logits, targets = forward(batch)
+            return logits, targets, loss_fn(logits, targets).detach().float()
+        try:
+            logits, targets = forward(batch)
+            losses = loss_fn(logits, targets).detach().float()
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as error:
+            raise ScoringError(_cannot_score(pl_module, batch, self.loss_fn, error)) from None
+        self._scored_once = True
+        return logits, targets, losses
+
+    def _sequence_features(self, capture: LastLayerCapture) -> LastLayerCapture | None:
+        """The capture, if per-position features ``[N, T, D]`` can be served; else tracking off, or a clear error."""
+        if sequence_grams_supported():
+            return capture
+        shape = tuple(capture.features.shape) if capture.features is not None else ()
+        reason = (
+            f"the final linear layer {capture.name!r} gets per-position inputs of shape {shape} (a sequence model), "
+            "and last-layer gradients are formed from [N, D] inputs only"
+        )
+        if self._needs_last_layer:
+            raise ValueError(
+                f"{reason}: use a selector that reads losses only (random, topk, loss), or inherit "
+                "lightning_sbp.SelectiveBackpropMixin and override sbp_forward to return pooled [N, C] logits"
+            )
+        rank_zero_warn(f"SelectiveBackprop does not track gradient errors: {reason}")
+        self.capture = None
+        return None
+
+
+@functools.cache
+def sequence_grams_supported() -> bool:
+    """Whether the Gram matrix of last-layer gradients accepts per-position features ``[N, T, D]``."""
+    probe = Scores(losses=torch.zeros(1), features=torch.ones(1, 2, 3), logit_grads=torch.ones(1, 2, 4))
+    try:
+        return tuple(probe.gram.shape) == (1, 1)
+    except (ValueError, RuntimeError, IndexError):
+        return False
+
+
+def _scores_by_default(pl_module: pl.LightningModule, score_fn: ScoreFn | None) -> bool:
+    """Whether the module is scored with the defaults rather than a function the user wrote."""
+    if score_fn is not None:
+        return False
+    if isinstance(pl_module, SelectiveBackpropMixin):
+        return type(pl_module).sbp_forward is SelectiveBackpropMixin.sbp_forward
+    return True
+
+
+def _cannot_score(pl_module: pl.LightningModule, batch: Any, loss_fn: LossFn | None, error: BaseException) -> str:
+    """One paragraph: which module, what the default scoring tried, what failed, and the options that fix it."""
+    name = type(pl_module).__name__
+    if isinstance(batch, dict):
+        layout = f"a dict with keys {', '.join(map(repr, batch))}"
+    elif isinstance(batch, list | tuple):
+        layout = f"a {type(batch).__name__} of {len(batch)} items"
+    else:
+        layout = f"a {type(batch).__name__}"
+    loss = getattr(loss_fn, "__name__", "loss_fn") if loss_fn is not None else "per-example cross-entropy"
+    return (
+        f"SelectiveBackprop cannot score the batches of {name}. Its default scoring pass takes a batch as "
+        "(inputs, targets, ...) or as a dict with a 'labels' key, calls forward(inputs) (or forward(**other keys)) and "
+        f"applies {loss} to the logits and targets; on this batch ({layout}) that failed with "
+        f"{type(error).__name__}: {error}. Tell it how to score {name}: pass score_fn, a function "
+        "(module, batch) -> per-example losses [N] (in YAML its dotted import path, e.g. "
+        "score_fn: my_package.scoring.losses), which serves the selectors that read losses only (random, topk, "
+        "loss); or inherit lightning_sbp.SelectiveBackpropMixin and override sbp_forward(batch) -> (logits, targets) "
+        "(and sbp_loss), which serves every selector. Random selection with track_grad_error=False needs no "
+        "scoring pass at all."
+    )

@@ -142,3 +142,13 @@ def trainer(**kwargs: Any) -> pl.Trainer:
     }
     options.update(kwargs)
     return pl.Trainer(**options)
+
+
+def sequence_losses(module: Any, batch: Any) -> Tensor:
+    """A ``score_fn`` for Lightning's demo ``LightningTransformer``: per-sequence next-token losses.
+
+    Its ``forward(inputs, target)`` takes the targets too, so the default scoring cannot call it.
+    """
+    inputs, target = batch
+    log_probs = module(inputs, target).view(*target.shape, -1)
+    return F.nll_loss(log_probs.movedim(-1, 1), target, reduction="none").mean(dim=1)

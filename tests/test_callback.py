@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +55,19 @@ def test_every_selective_step_builds_and_backpropagates_exactly_k_examples() -> 
 
 def test_scoring_pass_changes_no_buffer_and_no_grad() -> None:
     torch.manual_seed(0)
-    model = SmallCNN(lr=0.0)
+    model = SmallCNN(lr=0.0, dropout=0.0)
     reference = copy.deepcopy(model)
     sbp = SelectiveBackprop("topk", keep=0.5)
     data = blobs(32)
     trainer(callbacks=[sbp], max_steps=1).fit(model, loader(data, 32))
     assert sbp.last_selection is not None
-    # Only the subset pass may have moved the running statistics: replay it alone on a copy.
+    # Only the subset pass may have moved the running statistics or made gradients: replay it alone on a copy.
     reference.train()
-    reference(data.tensors[0][sbp.last_selection.indices])
+    subset = sbp.last_selection.indices
+    torch.nn.functional.cross_entropy(reference(data.tensors[0][subset]), data.tensors[1][subset]).backward()
+    for (name, param), ref_param in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert param.grad is not None, f"{name} has no gradient"
+        torch.testing.assert_close(param.grad, ref_param.grad, msg=f"{name}: the scoring pass added to .grad")
     bn, ref_bn = model.body[1], reference.body[1]
     assert torch.equal(bn.num_batches_tracked, ref_bn.num_batches_tracked)
     assert bn.num_batches_tracked.item() == 1
@@ -373,3 +378,68 @@ def test_a_batch_too_small_to_select_from_is_reported_once_per_fit() -> None:
     with pytest.warns(UserWarning, match=r"batch of 1 examples with keep=0\.5: k = 1") as record:
         trainer(callbacks=[SelectiveBackprop("random", keep=0.5)]).fit(PlainClassifier(), loader(data, 1))
     assert sum("cannot select" in str(w.message) for w in record) == 1
+
+
+def test_score_mode_eval_scores_without_dropout_and_batch_statistics() -> None:
+    captured: list[Tensor] = []
+
+    class Spy(Selector):
+        def select(self, scores: Scores, k: int, generator: torch.Generator) -> Selection:
+            captured.append(scores.losses)
+            return Selection.uniform(torch.arange(k))
+
+    torch.manual_seed(0)
+    model = SmallCNN(lr=0.0, dropout=0.5)
+    data = blobs(16)
+    before = copy.deepcopy(model).eval()
+    sbp = SelectiveBackprop(Spy(), keep=0.5, score_mode="eval", track_grad_error=False)
+    trainer(callbacks=[sbp], max_steps=1).fit(model, loader(data, 16))
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(before(data.tensors[0]), data.tensors[1], reduction="none")
+    torch.testing.assert_close(captured[0], expected)
+    assert model.body[1].num_batches_tracked.item() == 1, "only the subset pass updated batch norm"
+
+
+def test_a_valid_last_layer_name_is_the_layer_whose_inputs_are_captured() -> None:
+    captured: list[Scores] = []
+
+    class Keep(NeedsFeatures):
+        def select(self, scores: Scores, k: int, generator: torch.Generator) -> Selection:
+            captured.append(scores)
+            return super().select(scores, k, generator)
+
+    model = PlainClassifier(features=16, classes=3)
+    before = copy.deepcopy(model)
+    data = TensorDataset(torch.randn(16, 16), torch.randint(3, (16,)))
+    trainer(callbacks=[SelectiveBackprop(Keep(), keep=0.5, last_layer="net.2")], max_steps=1).fit(
+        model, loader(data, 16)
+    )
+    assert captured[0].features is not None and captured[0].features.shape == (16, 32)
+    with torch.no_grad():
+        hidden = before.net[1](before.net[0](data.tensors[0]))
+    torch.testing.assert_close(captured[0].features, hidden)
+
+
+def test_score_fn_is_reachable_from_yaml_as_a_dotted_path() -> None:
+    from helpers import sequence_losses
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(SelectiveBackprop, "sbp")
+    config = parser.parse_string("sbp:\n  selector: topk\n  score_fn: helpers.sequence_losses\n")
+    sbp = parser.instantiate_classes(config).sbp
+    assert sbp.scorer.score_fn is sequence_losses
+
+
+def test_a_ddp_ranks_short_last_batch_is_not_reported_but_a_small_batch_size_is() -> None:
+    from types import SimpleNamespace
+
+    two_ranks: Any = SimpleNamespace(world_size=2)
+    sbp = SelectiveBackprop("random", keep=0.5)
+    sbp._largest_batch = 16  # the rank has seen full batches of 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sbp._report_small_batch(two_ranks, 1, 1)
+    sbp._largest_batch = 1  # every batch holds one example: selection never happens
+    with pytest.warns(UserWarning, match="batch of 1 examples"):
+        sbp._report_small_batch(two_ranks, 1, 1)
