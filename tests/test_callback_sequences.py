@@ -11,8 +11,8 @@ import torch
 from helpers import trainer
 
 from lightning_sbp import SelectiveBackprop
+from lightning_sbp.functional import per_example_cross_entropy
 from lightning_sbp.recipes import CausalLMModule, GeneratedTokensDataModule
-from lightning_sbp.recipes.token_level import token_mean_cross_entropy
 from lightning_sbp.selectors.omp import OMPSelector
 
 GPT2 = {
@@ -81,7 +81,7 @@ def test_other_selectors_train_a_causal_lm(selector: str) -> None:
 
 def shifted_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """A per-sequence causal-LM loss on unshifted labels: position ``t`` predicts ``labels[:, t + 1]``."""
-    return token_mean_cross_entropy(logits, torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100))
+    return per_example_cross_entropy(logits, torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100))
 
 
 class PlainLM(pl.LightningModule):

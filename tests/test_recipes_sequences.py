@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import trainer as quiet_trainer
 
+from lightning_sbp.functional import per_example_cross_entropy
 from lightning_sbp.recipes import CausalLMModule, GeneratedTokensDataModule, TokenClassifier
-from lightning_sbp.recipes.token_level import token_mean_cross_entropy
 
 GPT2 = {
     "model_type": "gpt2",
@@ -51,7 +51,7 @@ def test_generated_tokens_are_padded_and_labelled() -> None:
 def test_token_mean_cross_entropy_averages_over_counted_positions() -> None:
     logits = torch.randn(3, 4, 5, dtype=torch.float64)
     targets = torch.tensor([[1, 2, -100, -100], [0, 0, 0, 0], [-100, -100, -100, -100]])
-    losses = token_mean_cross_entropy(logits, targets)
+    losses = per_example_cross_entropy(logits, targets)
     first = torch.nn.functional.cross_entropy(logits[0, :2].float(), targets[0, :2])
     torch.testing.assert_close(losses[0], first)
     assert float(losses[2]) == 0.0

@@ -9,10 +9,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_sbp.functional.loss import IGNORE_INDEX
+
 __all__ = ["GeneratedTokensDataModule", "TokenTask"]
 
 TokenTask = Literal["causal_lm", "token_classification"]
-_IGNORE_INDEX = -100
 _PAD_ID = 0
 
 
@@ -123,7 +124,7 @@ class GeneratedTokensDataModule(pl.LightningDataModule):
         else:
             previous = torch.cat([torch.zeros(size, 1, dtype=torch.long), tokens[:, :-1]], dim=1)
             labels = tags[previous, tokens]
-        labels = torch.where(mask, labels, _IGNORE_INDEX)
+        labels = torch.where(mask, labels, IGNORE_INDEX)
         return _TokenSequences(input_ids, mask.long(), labels)
 
     def setup(self, stage: str) -> None:

@@ -13,30 +13,13 @@ from typing import Any, ClassVar
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_sbp.functional.loss import IGNORE_INDEX, per_example_cross_entropy
 from lightning_sbp.recipes.evaluation import ClassifierEvaluation
 from lightning_sbp.recipes.text import adamw_with_linear_warmup, build_transformers_model, check_fine_tuning
 
-__all__ = ["IGNORE_INDEX", "CausalLMModule", "TokenClassifier", "TokenLevelModule", "token_mean_cross_entropy"]
-
-IGNORE_INDEX = -100
-"""The target of positions without a loss (padding, the last position of a causal LM), as in transformers."""
+__all__ = ["IGNORE_INDEX", "CausalLMModule", "TokenClassifier", "TokenLevelModule"]
 
 _NOT_MODEL_INPUTS = ("labels", "index")
-
-
-def token_mean_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Each sequence's mean cross-entropy over its positions whose target is not ``IGNORE_INDEX``.
-
-    Args:
-        logits: ``[N, T, C]``.
-        targets: ``[N, T]`` class indices or ``IGNORE_INDEX``.
-
-    Returns:
-        ``[N]`` float32 losses; 0 for a sequence without any counted position.
-    """
-    token = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none", ignore_index=IGNORE_INDEX)
-    counted = (targets != IGNORE_INDEX).sum(dim=1).clamp_min(1)
-    return token.sum(dim=1) / counted
 
 
 class TokenLevelModule(ClassifierEvaluation):
@@ -47,8 +30,9 @@ class TokenLevelModule(ClassifierEvaluation):
     needs no files at all. Batches are dicts with ``input_ids``, ``attention_mask`` (and any other model
     inputs), ``labels`` (``[N, T]``, ``-100`` where there is no loss) and optionally ``index``.
 
-    The per-example loss of the scoring pass is :func:`token_mean_cross_entropy`. Logs ``train/loss``,
-    ``val/loss`` and ``val/acc`` (token accuracy over the counted positions), and the same under ``test/``.
+    The per-example loss of the scoring pass is
+    :func:`~lightning_sbp.functional.per_example_cross_entropy`. Logs ``train/loss``, ``val/loss`` and
+    ``val/acc`` (token accuracy over the counted positions), and the same under ``test/``.
 
     Args:
         model_name_or_path: hub name or local path of a pretrained model; ignored when ``config`` is given.
@@ -102,7 +86,7 @@ class TokenLevelModule(ClassifierEvaluation):
 
     def sbp_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """Each sequence's mean token cross-entropy, ``[N]``."""
-        return token_mean_cross_entropy(logits, targets)
+        return per_example_cross_entropy(logits, targets)
 
     def evaluation_outputs(self, batch: Any) -> tuple[Tensor, Tensor]:
         """Logits ``[N T, C]`` and targets ``[N T]`` of every position; ``-100`` targets are not counted."""
