@@ -140,12 +140,11 @@ def test_time_to_target_counts_runs_that_never_reach_it(synthetic: Any) -> None:
     assert results["full"].target == pytest.approx(full_final - 0.01)
     # topk ends 0.09 below full on every seed: never there
     assert results["topk"].reached == 0 and results["topk"].seconds is None
-    # random ends 0.01 below full: the seeds whose last value reaches the target, at their last validation
-    expected = [
-        r for r in records if r["method"] == "random" and first_reach(r["validation"], full_final - 0.01, "max")
-    ]
-    assert results["random"].reached == len(expected)
-    assert results["random"].seconds == pytest.approx(sum(r["train_seconds"] for r in expected) / len(expected))
+    # random ends 0.01 below full: each seed counts at its first validation that reaches the target
+    hits = [first_reach(r["validation"], full_final - 0.01, "max") for r in records if r["method"] == "random"]
+    reached = [hit for hit in hits if hit is not None]
+    assert len(reached) > 0 and results["random"].reached == len(reached)
+    assert results["random"].seconds == pytest.approx(sum(hit["train_seconds"] for hit in reached) / len(reached))
     assert results["random"].speedup == pytest.approx(results["full"].seconds / results["random"].seconds)
     table = markdown_table(list(results.values()), grid.metric)
     assert "| 0 | topk | 0.5 |" in table and "| 0/5 | never | never | – |" in table
