@@ -74,6 +74,7 @@ _QUIET_WARNINGS = (
     ".*training_step.*returned.*None.*",
     ".*LeafSpec.*",
     ".*max_epochs.*",
+    ".*but have no `val_dataloader`.*",
 )
 
 
