@@ -126,21 +126,12 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
         GridError: for anything that cannot run.
     """
     values: dict[str, Any] = load_grid_file(Path(args.config)) if args.config else {}
-    for key in (
-        "base",
-        "output",
-        "methods",
-        "keep",
-        "label_noise",
-        "seeds",
-        "metric",
-        "mode",
-        "threads",
-        "target_tolerance",
-    ):
+    for key in ("base", "output", "methods", "keep", "label_noise", "seeds", "metric", "mode", "threads"):
         value = getattr(args, key)
         if value is not None:
             values[key] = value
+    if args.target_tolerance is not None:
+        values["target_tolerance"] = args.target_tolerance
     if args.lr is not None:
         values["lr"] = _learning_rate_flags(args.lr)
     if args.assignments:
