@@ -106,7 +106,7 @@ def test_a_tiny_grid_writes_records_table_csv_and_plots(tiny: Path) -> None:
     assert "| noise | method |" in table and table.count("\n| base |") == 3
     # then time to accuracy and the significance tables, which a single seed cannot fill
     assert "## Time to accuracy" in summary and "## Which differences are larger than seed noise" in summary
-    assert summary.rstrip().endswith("run two or more seeds to tell which differences are real.")
+    assert " ".join(summary.split()).endswith("run two or more seeds to tell which differences are real.")
     for name in ("accuracy_vs_time.png", "accuracy_vs_examples.png", "grad_error.png"):
         image = matplotlib.image.imread(tiny / "plots" / name)
         assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
@@ -155,7 +155,7 @@ def test_a_second_invocation_trains_nothing_and_a_lost_record_is_trained_again(
     assert (tiny / "summary.csv").read_text() == before
     printed = capsys.readouterr().out
     assert "| base | random | 0.5 |" in printed
-    assert printed.rstrip().endswith("run two or more seeds to tell which differences are real.")
+    assert " ".join(printed.split()).endswith("run two or more seeds to tell which differences are real.")
 
     (tiny / "runs" / records(tiny)["small-batch"]["run_id"] / "record.json").unlink()
     runs = counts.runs

@@ -117,9 +117,9 @@ def test_significance_column_separates_a_real_difference_from_noise(synthetic: A
     assert omp_line.split(" | ")[4] == "no"
 
     text = " ".join(reading(rows, differences, grid.metric, grid.mode))
-    assert "topk (keep 0.5) (-0.0798) reached a worse final val/acc than random beyond seed noise" in text
-    assert "omp (keep 0.5) does not differ from random" in text
-    assert "random (keep 0.5) (" in text and "trained faster than full beyond seed noise" in text
+    assert "topk at keep 0.5 (-0.0798) reached a worse final val/acc than random beyond seed noise" in text
+    assert "omp at keep 0.5 does not differ from random" in text
+    assert "random at keep 0.5 (" in text and "trained faster than full beyond seed noise" in text
 
 
 def test_reading_says_when_one_seed_cannot_tell(synthetic: Any) -> None:

@@ -322,7 +322,7 @@ def _speedup(difference: Difference) -> float:
 
 
 def _name(difference: Difference) -> str:
-    return difference.method if difference.keep is None else f"{difference.method} (keep {difference.keep:g})"
+    return difference.method if difference.keep is None else f"{difference.method} at keep {difference.keep:g}"
 
 
 def _keep(keep: float | None) -> str:
