@@ -614,22 +614,17 @@ def _progress(total: int, enabled: bool) -> Iterator[Callable[[str], None]]:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Lightning's info messages and known harmless warnings off; ``sys.argv`` hidden from LightningCLI."""
-    names = ("lightning.pytorch", "lightning.fabric", "lightning")
-    levels = {name: logging.getLogger(name).level for name in names}
-    argv = sys.argv
-    sys.argv = argv[:1]
+    """Info messages and known harmless warnings off; ``sys.argv`` hidden from LightningCLI."""
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    logging.disable(logging.INFO)
     try:
-        for name in names:
-            logging.getLogger(name).setLevel(logging.WARNING)
         with warnings.catch_warnings():
             for pattern in _QUIET_WARNINGS:
                 warnings.filterwarnings("ignore", message=pattern)
             yield
     finally:
+        logging.disable(logging.NOTSET)
         sys.argv = argv
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
 
 
 if __name__ == "__main__":
