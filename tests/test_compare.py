@@ -102,8 +102,12 @@ def test_a_tiny_grid_writes_records_table_csv_and_plots(tiny: Path) -> None:
     assert [entry["selective_steps"] for entry in by_method["random"]["epochs"]] == [3, 3]
     assert by_method["random"]["grad_error_ratio"] > 0
     assert by_method["full"]["grad_error"] is None and by_method["full"]["epochs"] == []
-    table = (tiny / "summary.md").read_text()
+    summary = (tiny / "summary.md").read_text()
+    table = summary.split("\n## ")[0]
     assert "| noise | method |" in table and table.count("\n| base |") == 3
+    # then time to accuracy and the significance tables, which a single seed cannot fill
+    assert "## Time to accuracy" in summary and "## Which differences are larger than seed noise" in summary
+    assert " ".join(summary.split()).endswith("run two or more seeds to tell which differences are real.")
     for name in ("accuracy_vs_time.png", "accuracy_vs_examples.png", "grad_error.png"):
         image = matplotlib.image.imread(tiny / "plots" / name)
         assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
@@ -153,6 +157,7 @@ def test_a_second_invocation_trains_nothing_and_a_lost_record_is_trained_again(
     captured = capsys.readouterr()
     assert "| base | random | 0.5 |" in captured.out
     assert "reused 3 finished runs of 3; 0 to train" in captured.err
+    assert " ".join(captured.out.split()).endswith("run two or more seeds to tell which differences are real.")
 
     (tiny / "runs" / records(tiny)["small-batch"]["run_id"] / "record.json").unlink()
     runs = counts.runs

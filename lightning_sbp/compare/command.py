@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_sbp.compare import time_to_accuracy
 from lightning_sbp.compare.grid import (
     Grid,
     GridError,
@@ -36,6 +37,7 @@ from lightning_sbp.compare.runner import (
     run_grid,
     run_record,
 )
+from lightning_sbp.compare.significance import compare_rows, reading, significance_tables
 
 __all__ = ["build_parser", "grid_from_args", "main"]
 
@@ -58,6 +60,7 @@ A grid file holds the same settings as the flags (flags win). Paths in it are re
   overrides: {trainer: {max_epochs: 5}}       # partial LightningCLI config applied to every run
   metric: val/acc                     # validation metric to report; mode: max or min
   threads: 1                          # torch.set_num_threads for the runs
+  target_tolerance: 0.01              # time-to-accuracy target: full's final metric minus this
   keys: {lr: model.init_args.lr, label_noise: data.init_args.label_noise,
          batch_size: data.init_args.batch_size}
 
@@ -125,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metric", help="validation metric to report (default val/acc)")
     parser.add_argument("--mode", choices=["max", "min"], help="whether a higher metric is better (default max)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads for the runs")
+    parser.add_argument(
+        "--target-tolerance",
+        dest="target_tolerance",
+        type=float,
+        metavar="D",
+        help="time to accuracy: the target is full's mean final metric minus D (plus D with --mode min; default 0.01)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--launcher",
@@ -169,6 +179,8 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
         value = getattr(args, key)
         if value is not None:
             values[key] = value
+    if args.target_tolerance is not None:
+        values["target_tolerance"] = args.target_tolerance
     if args.lr is not None:
         values["lr"] = _learning_rate_flags(args.lr)
     if args.assignments:
@@ -271,10 +283,11 @@ def _summarise_output(grid: Grid, runs: Sequence[Run], records: list[dict[str, A
     else:
         (grid.output / "summary_all.csv").unlink(missing_ok=True)  # from an earlier, tuned grid
     table = markdown_table(selected, grid.metric)
+    analysis = _analysis(grid, selected, records)
     failed = [record for record in records if record.get("status") != "finished"]
     recorded = {record["run_id"] for record in records}
     missing = [run.run_id for run in runs if run.run_id not in recorded]
-    (grid.output / "summary.md").write_text(_summary_document(grid, table, records, failed, missing, tuned))
+    (grid.output / "summary.md").write_text(_summary_document(grid, table, records, failed, missing, tuned) + analysis)
     plots = plot_all(selected, records, grid.metric, grid.output / "plots", show_lr=tuned) if selected else []
 
     print(table, end="")
@@ -282,6 +295,7 @@ def _summarise_output(grid: Grid, runs: Sequence[Run], records: list[dict[str, A
     print(f"summary: {grid.output / 'summary.md'}, {grid.output / 'summary.csv'}")
     if plots:
         print("plots: " + ", ".join(str(path) for path in plots))
+    print("\n" + analysis, end="")
     if missing:
         sys.stderr.write(f"{len(missing)} of {len(runs)} runs have no record yet: {', '.join(missing)}\n")
     if failed:
@@ -304,6 +318,43 @@ def _legend(grid: Grid, tuned: bool) -> str:
             f" Each method is shown at the learning rate with the best mean final {grid.metric} "
             "(all learning rates: summary_all.csv)."
         )
+    return textwrap.fill(text, width=110)
+
+
+def _analysis(grid: Grid, rows: list[Any], records: list[dict[str, Any]]) -> str:
+    """Time to accuracy, then the paired differences over seeds and the sentences that read them (last)."""
+    targets = time_to_accuracy.time_to_target(rows, records, grid.mode, grid.target_tolerance)
+    differences = compare_rows(rows, records)
+    sections = []
+    if targets:
+        sections += [
+            "## Time to accuracy",
+            "",
+            time_to_accuracy.markdown_table(targets, grid.metric),
+            _wrap(
+                f"Training time (validation excluded) and examples backpropagated until the validation {grid.metric} "
+                f"first reached the target: full's mean final value {'minus' if grid.mode == 'max' else 'plus'} "
+                f"{grid.target_tolerance:g}. Means over the runs that reached it; "
+                "speedup: full's time over the method's."
+            ),
+            "",
+        ]
+    sections += [
+        "## Which differences are larger than seed noise",
+        "",
+        significance_tables(rows, differences, grid.metric),
+        _wrap(
+            "Each method minus random (same keep and noise) and minus full, seed by seed: mean and 95% Student-t "
+            "confidence interval over the seeds. Bold: the interval excludes 0, so the difference exceeds seed noise."
+        ),
+        "",
+        *[_wrap(sentence) for sentence in reading(rows, differences, grid.metric, grid.mode)],
+        "",
+    ]
+    return "\n".join(sections)
+
+
+def _wrap(text: str) -> str:
     return textwrap.fill(text, width=110)
 
 

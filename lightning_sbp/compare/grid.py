@@ -61,6 +61,7 @@ GRID_KEYS = (
     "metric",
     "mode",
     "threads",
+    "target_tolerance",
 )
 """The keys a grid file may hold."""
 
@@ -165,6 +166,8 @@ class Grid:
         metric: the validation metric to report (logged once per validation).
         mode: ``max`` when a higher metric is better, ``min`` otherwise.
         threads: ``torch.set_num_threads`` for the runs; ``None`` leaves torch's default.
+        target_tolerance: the time-to-accuracy target of a noise level is ``full``'s mean final
+            value less this (plus this when ``mode`` is ``min``).
     """
 
     base: Path
@@ -179,6 +182,7 @@ class Grid:
     metric: str = "val/acc"
     mode: str = "max"
     threads: int | None = None
+    target_tolerance: float = 0.01
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> Grid:
@@ -222,6 +226,9 @@ class Grid:
         metric = values.get("metric", "val/acc")
         if not isinstance(metric, str) or not metric:
             raise GridError(f"metric must be the name of a logged validation metric, got {metric!r}")
+        tolerance = values.get("target_tolerance", 0.01)
+        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or tolerance < 0:
+            raise GridError(f"target_tolerance must be a number >= 0, got {tolerance!r}")
         overrides = values.get("overrides") or {}
         if not isinstance(overrides, Mapping):
             raise GridError(f"overrides must be a mapping (a partial LightningCLI config), got {overrides!r}")
@@ -238,6 +245,7 @@ class Grid:
             metric=metric,
             mode=mode,
             threads=threads,
+            target_tolerance=float(tolerance),
         )
 
 

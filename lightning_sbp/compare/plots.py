@@ -5,12 +5,14 @@
 - ``grad_error.png``: per epoch, the mean gradient-approximation error of each selector with the
   closed-form error of a random subset of the same size (dotted), and their ratio.
 
-Lines are means over seeds; bands span one standard deviation either side. Drawn with
-matplotlib's Agg backend (no display needed).
+Lines are means over seeds; bands span one standard deviation either side, as every legend
+says. The y-axis is fitted to the lines, so one diverged seed's wide band does not flatten the
+others (its band is cut at the edge). Drawn with matplotlib's Agg backend (no display needed).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +49,8 @@ def plot_all(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
     directory.mkdir(parents=True, exist_ok=True)
     by_id = {record["run_id"]: record for record in records}
@@ -59,6 +63,14 @@ def plot_all(
 
     def runs_of(row: Row) -> list[dict[str, Any]]:
         return [by_id[run_id] for run_id in row.run_ids if run_id in by_id]
+
+    seeds = sorted({len(row.run_ids) for row in rows})
+    band = Patch(color="grey", alpha=0.25, label=_band_label(seeds))
+
+    def finish(axis: Any) -> None:
+        handles, _ = axis.get_legend_handles_labels()
+        axis.legend(handles=[*handles, band] if max(seeds, default=1) > 1 else handles, fontsize="small")
+        _fit_to_lines(axis)
 
     written: list[Path] = []
     for name, x_key, x_label in (
@@ -78,7 +90,7 @@ def plot_all(
             axis.set_xlabel(x_label)
             axis.set_ylabel(f"validation {metric}")
             axis.grid(alpha=0.3)
-            axis.legend(fontsize="small")
+            finish(axis)
         figure.tight_layout()
         path = directory / name
         figure.savefig(path, dpi=110)
@@ -105,15 +117,31 @@ def plot_all(
             bottom.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
             bottom.set_ylabel("error / random error")
             bottom.set_xlabel("epoch")
+            bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
             for axis in (top, bottom):
                 axis.grid(alpha=0.3)
-                axis.legend(fontsize="small")
+                finish(axis)
         figure.tight_layout()
         path = directory / "grad_error.png"
         figure.savefig(path, dpi=110)
         plt.close(figure)
         written.append(path)
     return written
+
+
+def _band_label(seeds: Sequence[int]) -> str:
+    counts = "/".join(str(count) for count in seeds) or "1"
+    return f"band: ±1 std over {counts} seeds"
+
+
+def _fit_to_lines(axis: Any) -> None:
+    """Y-limits around the plotted lines (means), with a margin; bands beyond them are cut."""
+    values = [float(y) for line in axis.get_lines() for y in line.get_ydata() if math.isfinite(float(y))]
+    if not values:
+        return
+    low, high = min(values), max(values)
+    margin = max(0.1 * (high - low), 0.02 * max(abs(high), abs(low)), 1e-3)
+    axis.set_ylim(low - margin, high + margin)
 
 
 def _noise_title(noise: float | None) -> str:

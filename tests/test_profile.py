@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lightning_sbp.profile import RoundTimes, analyse, format_report, json_rows, main, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "examples" / "configs" / "digits_full.yaml"
+
+
+def known_costs(
+    overhead: float, per_example: float, score_per_example: float, batch: int, ks: dict[float, int], jitter: float = 0.0
+) -> RoundTimes:
+    """Step times of a model whose costs are exactly known: a fixed overhead plus a cost per example trained on."""
+
+    def step(examples: int) -> float:
+        return overhead + per_example * examples
+
+    score = score_per_example * batch
+    return RoundTimes(
+        full=step(batch) * (1 + jitter),
+        score=score,
+        subset={keep: step(k) for keep, k in ks.items()},
+        selective={keep: score + step(k) for keep, k in ks.items()},
+    )
+
+
+def test_cost_model_recovers_known_costs() -> None:
+    batch, ks = 128, {0.1: 12, 0.25: 32, 0.5: 64}
+    # 2 ms overhead, 0.3 ms per example trained on, scoring 0.1 ms per example (a third of a training step's)
+    rounds = [known_costs(2e-3, 3e-4, 1e-4, batch, ks, jitter) for jitter in (0.0, 0.0, 0.0)]
+    profile = analyse(rounds, batch, ks)
+    full = 2e-3 + 3e-4 * batch
+    assert profile.full_step_ms == pytest.approx(1e3 * full)
+    assert profile.overhead_ms == pytest.approx(2.0)
+    assert profile.overhead_share == pytest.approx(2e-3 / full)
+    # score + a + c k = a + c N  <=>  keep = 1 - score / (c N) = 1 - 1/3
+    assert profile.break_even_keep == pytest.approx(2 / 3)
+    assert profile.ceiling_speedup == pytest.approx(full / (1e-4 * batch + 2e-3))
+    for result in profile.keeps:
+        expected = full / (1e-4 * batch + 2e-3 + 3e-4 * result.k)
+        assert result.predicted_speedup == pytest.approx(expected)
+        assert result.measured_speedup == pytest.approx(expected)
+        assert result.agreement == pytest.approx(1.0)
+    assert verdict(profile).startswith("Selective Backprop can save time on this model: at keep 0.1")
+
+
+def test_ratios_are_paired_within_rounds() -> None:
+    batch, ks = 64, {0.5: 32}
+    # The machine is twice as slow in the second round; a round's ratios are unchanged by it.
+    fast = known_costs(1e-3, 1e-4, 5e-5, batch, ks)
+    slow = RoundTimes(
+        full=2 * fast.full,
+        score=2 * fast.score,
+        subset={0.5: 2 * fast.subset[0.5]},
+        selective={0.5: 2 * fast.selective[0.5]},
+    )
+    profile = analyse([fast, slow, fast], batch, ks)
+    assert profile.keeps[0].measured_speedup == pytest.approx(fast.full / fast.selective[0.5])
+
+
+def test_verdict_when_the_scoring_pass_eats_the_saving() -> None:
+    batch, ks = 64, {0.25: 16, 0.5: 32}
+    # overhead dominates and scoring costs as much as a training step per example: no keep pays off
+    rounds = [known_costs(8e-3, 1e-5, 1e-5, batch, ks)]
+    profile = analyse(rounds, batch, ks)
+    assert profile.break_even_keep is None
+    assert all(result.predicted_speedup < 1 for result in profile.keeps)
+    text = format_report(profile)
+    assert "break-even keep: none" in text
+    assert text.rstrip().splitlines()[-1].startswith("Selective Backprop cannot pay off on this model")
+
+
+def test_json_rows_hold_one_object_per_keep() -> None:
+    batch, ks = 64, {0.25: 16, 0.5: 32}
+    rows = json_rows(analyse([known_costs(1e-3, 1e-4, 3e-5, batch, ks)], batch, ks))
+    assert [row["keep"] for row in rows] == [0.25, 0.5]
+    assert all({"keep", "predicted_speedup", "measured_speedup", "k", "verdict"} <= set(row) for row in rows)
+
+
+def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--config", str(DIGITS), "--keep", "1.5"])
+    assert stop.value.code == 2
+    assert "keep fractions must be in (0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--config", "no-such.yaml"])
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_json_output_of_a_tiny_real_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "profile.json"
+    status = main(
+        [
+            "--config",
+            str(DIGITS),
+            "--keep",
+            "0.5",
+            "--steps",
+            "2",
+            "--rounds",
+            "1",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--json",
+            str(output),
+            "--data.init_args.batch_size=16",
+        ]
+    )
+    assert status == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(output.read_text())
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["keep"] == 0.5 and row["k"] == 8 and row["batch_size"] == 16
+    # one round: the prediction is exactly the cost model on the printed inputs
+    predicted = row["full_step_ms"] / (row["scoring_pass_ms"] + row["subset_step_ms"])
+    assert row["predicted_speedup"] == pytest.approx(predicted)
+    assert row["measured_speedup"] == pytest.approx(row["full_step_ms"] / row["selective_step_ms"])
+    assert f"| 0.5 | 8 | {row['predicted_speedup']:.2f}× | {row['measured_speedup']:.2f}× |" in printed
+    assert printed.rstrip().splitlines()[-2] == row["verdict"]
