@@ -4,7 +4,11 @@ Nothing here knows Lightning; every function runs on the device of its inputs.
 """
 
 from lightning_sbp.functional.batch import batch_size, example_indices, index_batch, subset_size
-from lightning_sbp.functional.grad_error import random_subset_gradient_error, subset_gradient_error
+from lightning_sbp.functional.grad_error import (
+    random_subset_gradient_error,
+    relative_gradient_error,
+    subset_gradient_error,
+)
 from lightning_sbp.functional.gram import gradient_gram, gradient_norm_bound, last_layer_gram, logit_gradients
 from lightning_sbp.functional.omp import omp_gram
 from lightning_sbp.functional.resize import downscale
@@ -20,6 +24,7 @@ __all__ = [
     "logit_gradients",
     "omp_gram",
     "random_subset_gradient_error",
+    "relative_gradient_error",
     "subset_gradient_error",
     "subset_size",
 ]
