@@ -196,15 +196,20 @@ def _omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool) -> tuple[
     # Everything a pick reads about atom j is column j of one matrix, so that one gather fetches it:
     #   rows [0, m):       gram[:, j], then target[j], then zeros up to m (a row length that keeps the rows
     #                      of W aligned for the matrix-vector products);
-    #   rows [m, m + k):   W[j, s] for the picks s so far (zero until written): row m + s is column s of W,
+    #   rows [m, m + k):   W[j, s] for the picks s so far (zeroed a block ahead): row m + s is column s of W,
     #                      followed by z[s] at coordinate n;
     #   row m + k:         the pivot floor tol * gram[j, j] of atom j.
     # The product that gives the new column of W then also gives target[lam] - W[lam] @ z, the residual
     # correlation that z[s] needs, and the scaling that stores the column stores z[s] as well.
     m = -(-(n + 1) // _ALIGN) * _ALIGN
-    table = torch.zeros(m + k + 1, m, dtype=dtype, device=device)
+    # Rows of W are zeroed a block at a time in the loop; a single fill of the whole table would start a
+    # parallel region on the CPU (see _COPY_CHUNK).
+    table = torch.empty(m + k + 1, m, dtype=dtype, device=device)
     _copy_rows(table[:n, :n], gram)
+    table[:n, n:] = 0.0
+    table[n:m] = 0.0
     table[n, :n] = target
+    table[m + k] = 0.0
     table[m + k, :n] = gram.diagonal().clamp(min=0).mul(tol)
     w_ext = table[m : m + k]
     # Views of every row of W (and of its z entry), made in one call each rather than one per step.
@@ -232,6 +237,7 @@ def _omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool) -> tuple[
             # The product below reads W a block of rows at a time, rows not written yet being zero: the
             # views are then made once per block, for a few zero rows of extra arithmetic.
             rows = min(k, s + _BLOCK)
+            w_ext[s:rows].zero_()
             block_t = w_ext[:rows].T
         column = table.index_select(1, lam)  # [m + k + 1, 1]
         # New column of W: the part of gram[:, lam] that the support does not explain,
