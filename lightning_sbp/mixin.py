@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SelectiveBackpropMixin"]
+from lightning_sbp.batches import default_forward
+from lightning_sbp.functional.loss import per_example_cross_entropy
 
-LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+__all__ = ["SelectiveBackpropMixin"]
 
 
 class SelectiveBackpropMixin:
@@ -62,7 +61,7 @@ class SelectiveBackpropMixin:
         Any loss works as long as each example's loss depends only on its own logits: the
         last-layer gradients are derived from it with autograd.
         """
-        return F.cross_entropy(logits.float(), targets, reduction="none")
+        return per_example_cross_entropy(logits, targets)
 
     def sbp_reduce(self, losses: Tensor) -> Tensor:
         """The mean of per-example losses, weighted by the current selection when there is one."""
@@ -78,40 +77,3 @@ class SelectiveBackpropMixin:
         loss = self.sbp_reduce(self.sbp_loss(logits, targets))
         self.log("train/loss", loss, prog_bar=True)  # type: ignore[attr-defined]
         return loss
-
-
-def default_forward(model: Callable[..., Any], batch: Any) -> tuple[Tensor, Tensor]:
-    """Logits and targets of ``(inputs, targets, ...)`` or ``{..., "labels": targets}`` batches.
-
-    See :meth:`SelectiveBackpropMixin.sbp_forward`; the patch path scores with it too.
-    """
-    if isinstance(batch, Mapping):
-        label_key = next((key for key in LABEL_KEYS if key in batch), None)
-        if label_key is None:
-            raise ValueError(
-                f"dict batch has no label key (looked for {', '.join(LABEL_KEYS)}; found {', '.join(batch)}); "
-                "override `sbp_forward` to say where the targets are"
-            )
-        output = model(**{key: value for key, value in batch.items() if key != label_key})
-        targets = batch[label_key]
-    elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) >= 2:
-        output = model(batch[0])
-        targets = batch[1]
-    else:
-        raise TypeError(
-            f"cannot split a batch of type {type(batch).__name__} into inputs and targets; "
-            "override `sbp_forward(batch) -> (logits, targets)`"
-        )
-    return unwrap_logits(output), targets
-
-
-def unwrap_logits(output: Any) -> Tensor:
-    """The logits tensor of a model output: a tensor, or an object or dict holding ``logits``."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping) and "logits" in output:
-        return output["logits"]
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from collections.abc import Callable, Sized
+from typing import Any, cast
 
+import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import default_collate
 
+from lightning_sbp.distributed import SCORE_FIELDS, gather_scores
 from lightning_sbp.selectors.base import Scores
 
-__all__ = ["ScoreCache", "gather_scores"]
+__all__ = ["ScoreCache", "gather_scores", "score_cache_for"]
 
-_FIELDS = ("losses", "logits", "logit_grads", "features")
 _NEVER = -(2**31)  # the scored epoch of an example not scored yet
 
 
@@ -55,13 +55,35 @@ class ScoreCache:
         age = epoch - scored[indices]
         if not bool(((age >= 0) & (age <= self.stale_epochs)).all()):
             return None
-        rows = {name: self.tensors[name][indices] for name in _FIELDS if name in self.tensors}
+        rows = {name: self.tensors[name][indices] for name in SCORE_FIELDS if name in self.tensors}
         return Scores(bias=self.bias, **rows)
+
+    def lookup_on_every_rank(self, indices: Tensor, epoch: int, trainer: pl.Trainer) -> Scores | None:
+        """:meth:`lookup`, agreed across ranks: the cached scores only if every rank's batch is fresh.
+
+        Every rank skips the scoring forward or none does, so the collectives inside it
+        (SyncBatchNorm) stay paired.
+        """
+        cached = self.lookup(indices, epoch)
+        if trainer.world_size > 1:
+            hit = trainer.strategy.reduce_boolean_decision(cached is not None, all=True)
+            return cached if hit else None
+        return cached
+
+    def store_from_every_rank(self, indices: Tensor, scores: Scores, epoch: int, trainer: pl.Trainer) -> None:
+        """:meth:`store` every rank's scores on every rank: a collective under DDP.
+
+        Each rank sees other examples in every epoch; storing all ranks' scores in every rank's
+        cache is what lets a later batch find all of its examples fresh.
+        """
+        if trainer.world_size > 1:
+            indices, scores = gather_scores(indices, scores)
+        self.store(indices, scores, epoch)
 
     def store(self, indices: Tensor, scores: Scores, epoch: int) -> None:
         """Remember ``scores`` for the examples ``indices``, computed in ``epoch``."""
         self.bias = scores.bias
-        values = {name: getattr(scores, name) for name in _FIELDS if getattr(scores, name) is not None}
+        values = {name: getattr(scores, name) for name in SCORE_FIELDS if getattr(scores, name) is not None}
         if "scored_epoch" not in self.tensors or any(name not in self.tensors for name in values):
             self._allocate(values, indices.device)
         for name, value in values.items():
@@ -106,41 +128,26 @@ class ScoreCache:
             self.tensors[name][indices] = row.to(self.tensors[name].dtype)
 
 
-def gather_scores(indices: Tensor, scores: Scores) -> tuple[Tensor, Scores]:
-    """The example indices and scores of every rank's batch, in rank order: a collective.
-
-    Under DDP each rank sees other examples in every epoch; storing every rank's scores in every
-    rank's cache is what lets a batch find all of its examples fresh. Ranks may score batches of
-    different sizes: the sizes are gathered first and read on the host, then the rows, padded to
-    the largest batch, in one gather for the indices and one for all score columns.
+def score_cache_for(
+    trainer: pl.Trainer, stale_epochs: int, example_indices: Callable[[Any], Tensor | None]
+) -> ScoreCache:
+    """A cache sized for the trainer's training set, once the fit loop has set up its data.
 
     Args:
-        indices: this rank's example indices, shape ``[N]``.
-        scores: this rank's scores of those examples.
+        trainer: a trainer whose ``train_dataloader`` is set (from ``on_train_start`` on).
+        stale_epochs: how many epochs after the one that computed it a score is reused.
+        example_indices: reads the dataset indices of a batch (``SelectiveBackprop.example_indices``).
 
-    Returns:
-        The indices ``[M]`` and scores of all ranks' examples, ``M`` the sum of the batch sizes;
-        the score fields are float32 and those this rank's scores hold.
+    Raises:
+        ValueError: if the training examples carry no dataset index.
     """
-    fields = {name: getattr(scores, name) for name in _FIELDS if getattr(scores, name) is not None}
-    widths = [math.prod(value.shape[1:]) for value in fields.values()]
-    columns = torch.cat([value.float().reshape(len(value), -1) for value in fields.values()], dim=1)
-    size = torch.tensor([len(indices)], device=indices.device)
-    sizes = [torch.empty_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    counts = torch.cat(sizes).tolist()
-    all_indices = _gather_rows(indices, counts)
-    parts = _gather_rows(columns, counts).split(widths, dim=1)
-    values = {
-        name: part.reshape(-1, *value.shape[1:]) for (name, value), part in zip(fields.items(), parts, strict=True)
-    }
-    return all_indices, Scores(bias=scores.bias, **values)
-
-
-def _gather_rows(rows: Tensor, counts: list[int]) -> Tensor:
-    """Every rank's ``rows``, ``counts[r]`` of them on rank ``r``, concatenated in rank order."""
-    most = max(counts)
-    padded = F.pad(rows, (0, 0) * (rows.dim() - 1) + (0, most - len(rows)))
-    every = [padded.new_empty(padded.shape) for _ in counts]
-    dist.all_gather(every, padded)
-    return torch.cat([ranked[:count] for ranked, count in zip(every, counts, strict=True)])
+    dataset = getattr(trainer.train_dataloader, "dataset", None)
+    example = dataset[0] if dataset is not None else None
+    if dataset is None or example_indices(default_collate([example])) is None:
+        raise ValueError(
+            "stale_epochs needs training batches that carry each example's dataset index, as "
+            "(inputs, targets, indices) tuples or dicts with an 'index' key, to cache scores by example; "
+            f"the training data yields {type(example).__name__} examples without one. The recipes' DataModules "
+            "return indices; wrap your dataset to return them, or override SelectiveBackprop.example_indices"
+        )
+    return ScoreCache(len(cast(Sized, dataset)), stale_epochs)

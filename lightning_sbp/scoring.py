@@ -2,24 +2,45 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from lightning_sbp.batches import BatchAdapter, default_forward
+from lightning_sbp.functional.loss import per_example_cross_entropy
+from lightning_sbp.mixin import SelectiveBackpropMixin
+from lightning_sbp.selectors.base import Scores
+
 __all__ = [
+    "SCORE_DTYPES",
+    "Forward",
     "LastLayerCapture",
+    "LossFn",
+    "ScoreMode",
+    "ScorePrecision",
+    "Scorer",
     "cpu_has_fast_kernels",
     "find_last_linear",
     "frozen_running_stats",
     "has_batch_norm",
     "scoring_mode",
 ]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Forward = Callable[[Any], tuple[Tensor, Tensor]]
+ScoreMode = Literal["train", "eval"]
+ScorePrecision = Literal["same", "bf16", "16"]
+SCORE_DTYPES: dict[str, torch.dtype | None] = {"same": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 _RUNNING_STATS_NORMS = (_BatchNorm, _InstanceNorm)
 
@@ -163,3 +184,101 @@ def logit_gradients_by_autograd(loss_fn: Callable[[Tensor, Tensor], Tensor], log
         leaf = logits.detach().float().requires_grad_(True)
         (grads,) = torch.autograd.grad(loss_fn(leaf, targets).sum(), leaf)
     return grads
+
+
+class Scorer:
+    """Scores every example of a batch: picks the forward and the loss, the precision and the scale.
+
+    A module with :class:`~lightning_sbp.SelectiveBackpropMixin` is scored with its
+    ``sbp_forward`` and ``sbp_loss``; any other with :func:`~lightning_sbp.batches.default_forward`
+    and ``loss_fn``.
+
+    Args:
+        mode: ``"train"`` or ``"eval"``, the mode of the modules during the pass (see :func:`scoring_mode`).
+        precision: ``"same"`` for the trainer's precision, ``"bf16"`` or ``"16"`` for autocast to that dtype.
+        scale: fraction of their spatial size the inputs are resampled to, ``0 < scale <= 1``.
+        loss_fn: per-example loss of a module without the mixin; per-example cross-entropy when ``None``.
+        last_layer: qualified name of the final ``nn.Linear``; the last one registered when ``None``.
+
+    Attributes:
+        capture: the hook on the final linear layer, when something reads its gradients.
+    """
+
+    def __init__(
+        self,
+        mode: ScoreMode = "train",
+        precision: ScorePrecision = "same",
+        scale: float = 1.0,
+        loss_fn: LossFn | None = None,
+        last_layer: str | None = None,
+    ) -> None:
+        self.mode = mode
+        self.precision = precision
+        self.scale = scale
+        self.loss_fn = loss_fn
+        self.last_layer = last_layer
+        self.capture: LastLayerCapture | None = None
+
+    @property
+    def cheap(self) -> bool:
+        """Whether the scores differ from what the trainer's precision at full scale would give."""
+        return self.precision != "same" or self.scale < 1.0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, needs_last_layer: bool, track: bool) -> None:
+        """Find the final linear layer when a selector (``needs_last_layer``) or tracking (``track``) reads it.
+
+        Raises:
+            ValueError: if ``needs_last_layer`` or ``last_layer`` names a layer and there is no such layer.
+        """
+        self.capture = None
+        if needs_last_layer or track:
+            try:
+                name, layer = find_last_linear(pl_module, self.last_layer)
+            except ValueError as error:
+                if needs_last_layer or self.last_layer is not None:
+                    raise
+                rank_zero_warn(f"SelectiveBackprop does not track gradient errors: {error}")
+            else:
+                self.capture = LastLayerCapture(layer, name)
+        self._warn_slow_precision(trainer)
+
+    def _warn_slow_precision(self, trainer: pl.Trainer) -> None:
+        dtype = SCORE_DTYPES[self.precision]
+        if dtype is None or trainer.strategy.root_device.type != "cpu" or cpu_has_fast_kernels(dtype) is not False:
+            return
+        rank_zero_warn(
+            f"score_precision={self.precision!r}: this CPU has no fast {dtype} kernels "
+            f"({torch.backends.cpu.get_cpu_capability()}), so the scoring pass will likely be slower than in "
+            "float32, not faster; low-precision scoring pays off on GPUs and on CPUs with AVX-512 or AMX"
+        )
+
+    def forward_and_loss(self, pl_module: pl.LightningModule) -> tuple[Forward, LossFn]:
+        """The functions that turn a batch into ``(logits, targets)`` and those into per-example losses."""
+        if isinstance(pl_module, SelectiveBackpropMixin):
+            return pl_module.sbp_forward, pl_module.sbp_loss
+        return functools.partial(default_forward, pl_module), self.loss_fn or per_example_cross_entropy
+
+    def score_cheaply(self, pl_module: pl.LightningModule, batch: Any, batches: BatchAdapter) -> Scores:
+        """Scores at the configured precision and scale; ``batches.scale_inputs`` downscales the batch."""
+        scaled = batches.scale_inputs(batch, self.scale) if self.scale < 1.0 else batch
+        dtype = SCORE_DTYPES[self.precision]
+        with torch.autocast(pl_module.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+            return self.score(pl_module, scaled)
+
+    def score(self, pl_module: pl.LightningModule, batch: Any) -> Scores:
+        """Scores of every example of ``batch`` under the current precision, with the last layer when captured."""
+        forward, loss_fn = self.forward_and_loss(pl_module)
+        capture = self.capture
+        with scoring_mode(pl_module, self.mode), capture.armed() if capture else contextlib.nullcontext():
+            logits, targets = forward(batch)
+            losses = loss_fn(logits, targets).detach().float()
+        if torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu"):
+            torch.clear_autocast_cache()
+        if capture is None:
+            return Scores(losses=losses, logits=logits.detach())
+        features = capture.take(logits)
+        bias = capture.layer.bias is not None
+        logit_grads = logit_gradients_by_autograd(loss_fn, logits, targets)
+        return Scores(
+            losses=losses, logits=logits.detach(), logit_grads=logit_grads, features=features.float(), bias=bias
+        )

@@ -1,4 +1,4 @@
-"""Tracking how well each selected subset's gradient matches the full batch's, during training."""
+"""What each step records: its logged values and counts, non-finite losses, and gradient errors."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_sbp.metrics import (
@@ -18,10 +19,110 @@ from lightning_sbp.metrics import (
 from lightning_sbp.scoring import frozen_running_stats
 from lightning_sbp.selectors import Scores, Selection
 
-__all__ = ["GradientErrorTracker", "subset_and_full_gradients"]
+__all__ = ["GradientErrorTracker", "StepLog", "loggers_write_this_step", "subset_and_full_gradients"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Forward = Callable[[Any], tuple[Tensor, Tensor]]
+
+
+def loggers_write_this_step(trainer: pl.Trainer) -> bool:
+    """Whether the loggers write this step: step values logged on other steps would only be overwritten.
+
+    Lightning has no public answer: this reads the private ``Trainer._logger_connector.should_update_logs``,
+    which follows ``log_every_n_steps``. When that attribute is gone every step logs, which is
+    correct but slower; a test fails when Lightning renames it.
+    """
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
+
+
+class StepLog:
+    """The per-step record of one fit: counts of examples, the ``sbp/`` step values, non-finite losses.
+
+    Attributes:
+        examples_seen: examples in all training batches so far.
+        examples_backpropagated: examples that went through a backward pass.
+        selective_steps: steps that selected a subset.
+    """
+
+    def __init__(self) -> None:
+        self.examples_seen = 0
+        self.examples_backpropagated = 0
+        self.selective_steps = 0
+        self._nonfinite: Tensor | None = None
+        self._warned_nonfinite = False
+
+    def full_step(self, pl_module: pl.LightningModule, size: int) -> None:
+        """Count and log a step that trained on the whole batch of ``size`` examples."""
+        self._count(size, size)
+        if loggers_write_this_step(pl_module.trainer):
+            self._log(pl_module, {"sbp/active": 0.0, "sbp/k": float(size)}, size)
+
+    def selective_step(
+        self,
+        pl_module: pl.LightningModule,
+        scores: Scores,
+        selection: Selection,
+        timings: tuple[float, float, float],
+        values: dict[str, Any],
+    ) -> None:
+        """Count and log a selective step.
+
+        Args:
+            pl_module: the module that logs.
+            scores: the scores the selection was made from.
+            selection: the subset trained on.
+            timings: ``time.perf_counter()`` before scoring, after scoring and after selecting.
+            values: further step values to log with these (the gradient errors).
+        """
+        size, k = scores.size, int(selection.indices.shape[0])
+        self._watch_nonfinite(scores.losses)
+        self._count(size, k)
+        self.selective_steps += 1
+        if not loggers_write_this_step(pl_module.trainer):
+            return
+        started, scored, selected = timings
+        finite = torch.isfinite(scores.losses)
+        kept = finite[selection.indices]
+        values = {
+            **values,
+            "sbp/active": 1.0,
+            "sbp/k": float(k),
+            "sbp/full_loss": scores.losses.where(finite, torch.nan).nanmean(),
+            "sbp/selected_loss": scores.losses[selection.indices].where(kept, torch.nan).nanmean(),
+            "sbp/score_ms": 1e3 * (scored - started),
+            "sbp/select_ms": 1e3 * (selected - scored),
+        }
+        self._log(pl_module, values, size)
+
+    def warn_nonfinite(self, trainer: pl.Trainer | None = None) -> None:
+        """Warn, once per fit, when losses were not finite; with a ``trainer``, only on the steps it logs.
+
+        Reading the flag costs one host-device synchronisation, paid only when called.
+        """
+        if self._warned_nonfinite or self._nonfinite is None:
+            return
+        if trainer is not None and not loggers_write_this_step(trainer):
+            return
+        if bool(self._nonfinite):
+            self._warned_nonfinite = True
+            rank_zero_warn(
+                "SelectiveBackprop saw NaN or inf per-example losses; those examples rank last in selection "
+                "and are left out of the logged losses. Check the learning rate, the data and the loss."
+            )
+        self._nonfinite = None
+
+    def _count(self, seen: int, backpropagated: int) -> None:
+        self.examples_seen += seen
+        self.examples_backpropagated += backpropagated
+
+    def _watch_nonfinite(self, losses: Tensor) -> None:
+        flag = ~torch.isfinite(losses).all()
+        self._nonfinite = flag if self._nonfinite is None else self._nonfinite | flag
+
+    def _log(self, pl_module: pl.LightningModule, values: dict[str, Any], size: int) -> None:
+        values["sbp/backprop_fraction"] = self.examples_backpropagated / self.examples_seen
+        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=size)
 
 
 def subset_and_full_gradients(

@@ -236,7 +236,7 @@ class PrivateParametersDDP(DDPStrategy):
 
     Pickling moves the module's CPU tensors into memory shared by all ranks; Lightning copies them out
     only in ranks started with ``"spawn"``. Under ``"forkserver"`` the ranks would otherwise all step
-    one set of weights (which :func:`lightning_sbp.strategies.check_private_parameters` refuses).
+    one set of weights (which :func:`lightning_sbp.distributed.check_private_parameters` refuses).
     """
 
     def setup_environment(self) -> None:

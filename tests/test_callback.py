@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from lightning_sbp import Scores, Selection, SelectiveBackprop, Selector, register_selector
+from lightning_sbp.tracking import loggers_write_this_step
 
 
 @register_selector("test-half-weights")
@@ -298,3 +299,17 @@ def test_step_values_are_logged_on_the_steps_the_loggers_write(tmp_path: Path) -
     rows = [dict(zip(header, line.split(","), strict=True)) for line in lines[1:]]
     assert [int(r["step"]) for r in rows if r["sbp/k"]] == [2, 5, 8]
     assert [float(r["sbp/backprop_fraction"]) for r in rows if r["sbp/k"]] == [0.5] * 3
+
+
+def test_the_private_lightning_attribute_behind_step_logging_still_exists() -> None:
+    # loggers_write_this_step reads Trainer._logger_connector.should_update_logs, which Lightning does not promise.
+    answers: list[bool] = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            assert isinstance(trainer._logger_connector.should_update_logs, bool), "Lightning renamed it"
+            answers.append(loggers_write_this_step(trainer))
+
+    data = TensorDataset(torch.randn(64, 16), torch.randint(3, (64,)))
+    trainer(callbacks=[Probe()], log_every_n_steps=3, max_steps=6).fit(PlainClassifier(), loader(data, 8))
+    assert answers == [False, False, True, False, False, True]

@@ -32,7 +32,7 @@ def test_low_precision_scoring_warns_on_a_cpu_without_fast_kernels(
     monkeypatch: pytest.MonkeyPatch, fast: bool | None
 ) -> None:
     probed: list[torch.dtype] = []
-    monkeypatch.setattr("lightning_sbp.callback.cpu_has_fast_kernels", lambda dtype: probed.append(dtype) or fast)
+    monkeypatch.setattr("lightning_sbp.scoring.cpu_has_fast_kernels", lambda dtype: probed.append(dtype) or fast)
     sbp = SelectiveBackprop("topk", keep=0.5, score_precision="16", track_grad_error=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

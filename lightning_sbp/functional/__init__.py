@@ -10,6 +10,7 @@ from lightning_sbp.functional.grad_error import (
     subset_gradient_error,
 )
 from lightning_sbp.functional.gram import gradient_gram, gradient_norm_bound, last_layer_gram, logit_gradients
+from lightning_sbp.functional.loss import per_example_cross_entropy
 from lightning_sbp.functional.omp import omp_gram
 from lightning_sbp.functional.resize import downscale
 
@@ -23,6 +24,7 @@ __all__ = [
     "last_layer_gram",
     "logit_gradients",
     "omp_gram",
+    "per_example_cross_entropy",
     "random_subset_gradient_error",
     "relative_gradient_error",
     "subset_gradient_error",

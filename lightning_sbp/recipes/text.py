@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_sbp.mixin import unwrap_logits
+from lightning_sbp.batches import unwrap_logits
 from lightning_sbp.recipes.evaluation import ClassifierEvaluation
 
 __all__ = ["TextClassifier"]
