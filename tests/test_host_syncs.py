@@ -33,9 +33,6 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "stale scores": {"stale_epochs": 1},
     "stale scores, no tracking": {"stale_epochs": 1, "track_grad_error": False},
 }
-# The score cache decides skip-or-score from a tensor flag read on the host even when the batch's example
-# indices are on the host.
-STALE_READS_A_FLAG = pytest.mark.xfail(reason="the stale-score lookup reads a flag on the host", strict=True)
 
 
 class StepSyncs(pl.Callback):
@@ -100,10 +97,7 @@ def _excess(selective: list[Counter[str]], full: Counter[str]) -> list[Counter[s
 
 
 @pytest.mark.parametrize("selector", available_selectors())
-@pytest.mark.parametrize(
-    "option",
-    [pytest.param(name, marks=STALE_READS_A_FLAG) if "stale_epochs" in OPTIONS[name] else name for name in OPTIONS],
-)
+@pytest.mark.parametrize("option", list(OPTIONS))
 def test_selective_steps_add_no_host_syncs(selector: str, option: str, full_step_syncs: Counter[str]) -> None:
     options = OPTIONS[option]
     epochs = 2 if "stale_epochs" in options else 1
