@@ -155,10 +155,10 @@ def build_rows(batch: int, keeps: list[float], selectors: list[str], minimum: in
             Row(f"loss keep={keep} score bf16", batch, keep, sbp("loss", keep, score_precision="bf16", **quiet)),
             Row(f"loss keep={keep} score_scale 0.5", batch, keep, sbp("loss", keep, score_scale=0.5, **quiet)),
             Row(
-                f"loss keep={keep} stale scores (cache hits)",
+                f"loss keep={keep} stale scores (cache hits, default tracking)",
                 batch,
                 keep,
-                sbp("loss", keep, stale_epochs=1, **quiet),
+                sbp("loss", keep, stale_epochs=1),
                 epochs=2,
                 timed_from_epoch=1,
             ),

@@ -139,12 +139,20 @@ class ScoreCache:
         return Scores(bias=self.bias, **rows)
 
     def store(self, indices: Tensor, scores: Scores, epoch: int) -> None:
-        """Remember the kept fields of ``scores`` for the examples ``indices``, computed in ``epoch``."""
+        """Remember the kept fields of ``scores`` for the examples ``indices``, computed in ``epoch``.
+
+        Rows whose index is negative (the padding of a gather across ranks) are left out.
+        """
         self.bias = scores.bias
         values = {name: getattr(scores, name) for name in self.fields if getattr(scores, name) is not None}
         if any(name not in self.tensors for name in values):
             self._allocate(values, indices.device)
         host = self._host_rows(indices)
+        if (host < 0).any():
+            kept = np.flatnonzero(host >= 0)
+            positions = torch.from_numpy(kept).to(indices.device, non_blocking=True)
+            indices, host = indices.index_select(0, positions), host[kept]
+            values = {name: value.index_select(0, positions.to(value.device)) for name, value in values.items()}
         for name, value in values.items():
             tensor = self.tensors[name]
             where = torch.from_numpy(host) if tensor.device.type == "cpu" else indices
@@ -209,10 +217,12 @@ class ScoreCache:
         """:meth:`store` every rank's scores on every rank: a collective under DDP.
 
         Each rank sees other examples in every epoch; storing all ranks' scores in every rank's
-        cache is what lets a later batch find all of its examples fresh.
+        cache is what lets a later batch find all of its examples fresh. When the loader's batch
+        size bounds every rank's batch, that is one gather and one copy of the indices to the host.
         """
         if trainer.world_size > 1:
-            indices, scores = gather_scores(indices, scores)
+            capacity = getattr(trainer.train_dataloader, "batch_size", None)
+            indices, scores = gather_scores(indices, scores, capacity if isinstance(capacity, int) else None)
         self.store(indices, scores, epoch)
 
 

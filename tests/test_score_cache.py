@@ -64,20 +64,30 @@ def test_a_cache_state_from_a_larger_training_set_is_refused() -> None:
         ScoreCache(size=5, stale_epochs=1).load_state_dict(cache.state_dict())
 
 
-def test_gather_scores_concatenates_every_ranks_batch_in_rank_order(tmp_path: Path) -> None:
-    # Rank 0 holds 3 examples and rank 1 holds 5: the gather pads and trims.
+@pytest.mark.parametrize("capacity", [None, 6])
+def test_gather_scores_concatenates_every_ranks_batch_in_rank_order(tmp_path: Path, capacity: int | None) -> None:
+    # Rank 0 holds 3 examples and rank 1 holds 5: the gather pads and trims, or, with a capacity known to
+    # every rank, pads each batch to it in one gather and marks the padding with index -1.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.start_processes(gather_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method=START_METHOD)
+    mp.start_processes(
+        gather_worker, args=(2, port, str(tmp_path), capacity), nprocs=2, join=True, start_method=START_METHOD
+    )
     batches = [rank_scores(rank) for rank in range(2)]
     for rank in range(2):
         indices, gathered = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
-        assert torch.equal(indices, torch.cat([batch_indices for batch_indices, _ in batches]))
+        real = indices >= 0
+        assert real.sum() == 8 and len(indices) == (8 if capacity is None else 2 * capacity)
+        assert torch.equal(indices[real], torch.cat([batch_indices for batch_indices, _ in batches]))
         for name in ("losses", "logits", "logit_grads", "features"):
             expected = torch.cat([getattr(scores, name).float() for _, scores in batches])
-            assert torch.equal(getattr(gathered, name), expected), name
+            assert torch.equal(getattr(gathered, name)[real], expected), name
         assert gathered.bias is False
+        # Storing the gathered rows leaves the padding out.
+        cache = ScoreCache(size=20, stale_epochs=1)
+        cache.store(indices, gathered, epoch=0)
+        assert torch.nonzero(cache.scored_epochs == 0).flatten().tolist() == sorted(set(indices[real].tolist()))
 
 
 def test_loss_scores_of_a_million_examples_take_four_bytes_each_plus_the_epoch_stamp() -> None:
