@@ -1,7 +1,7 @@
 """Time of a Selective Backprop step against a full step and against the ideal, in one run.
 
-ResNet-18 with the CIFAR stem on random 3×32×32 batches of 128, on the CPU (``--accelerator gpu``
-for a GPU, timed with a device synchronisation around every step). Every
+ResNet-18 with the CIFAR stem on random 3×32×32 batches of 128, on the CPU (``--accelerator gpu
+--devices 1`` for one GPU, timed with a device synchronisation before every clock reading). Every
 configuration trains through a real ``Trainer`` on the same model; configurations are
 interleaved round by round and each row reports the median step time.
 
@@ -23,6 +23,9 @@ Run ``python benchmarks/step_time.py`` (``--help`` for options).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import platform
 import statistics
 import time
 from collections import defaultdict
@@ -82,8 +85,24 @@ class PeerLossSelection(ImageClassifier):
 
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that host clocks measure it (a no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+def machine(device: torch.device) -> str:
+    """What the numbers were taken on: CPU model and cores, library versions, threads, accelerator."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    accelerator = "none"
+    if device.type != "cpu":
+        accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    return (
+        f"CPU {cpu} ({os.cpu_count()} logical cores, load average {load}); torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; lightning {pl.__version__}; accelerator {accelerator}"
+    )
 
 
 class StepTimer(pl.Callback):
@@ -143,10 +162,10 @@ def build_rows(batch: int, keeps: list[float], selectors: list[str], minimum: in
             Row(f"loss keep={keep} score bf16", batch, keep, sbp("loss", keep, score_precision="bf16", **quiet)),
             Row(f"loss keep={keep} score_scale 0.5", batch, keep, sbp("loss", keep, score_scale=0.5, **quiet)),
             Row(
-                f"loss keep={keep} stale scores (cache hits)",
+                f"loss keep={keep} stale scores (cache hits, default tracking)",
                 batch,
                 keep,
-                sbp("loss", keep, stale_epochs=1, **quiet),
+                sbp("loss", keep, stale_epochs=1),
                 epochs=2,
                 timed_from_epoch=1,
             ),
@@ -155,12 +174,14 @@ def build_rows(batch: int, keeps: list[float], selectors: list[str], minimum: in
     return rows
 
 
-def time_fit(model: pl.LightningModule, row: Row, data: DataLoader, accelerator: str) -> list[float]:
-    """Per-step times of the row's timed epochs, the first step of each fit (warm-up) dropped."""
+def time_fit(
+    model: pl.LightningModule, row: Row, data: DataLoader, accelerator: str, devices: str
+) -> tuple[list[float], torch.device]:
+    """Per-step times of the row's timed epochs, the first step of each fit (warm-up) dropped, and the device."""
     timer = StepTimer(row.timed_from_epoch)
     trainer = pl.Trainer(
         accelerator=accelerator,
-        devices=1,
+        devices=devices,
         max_epochs=row.epochs,
         logger=False,
         enable_checkpointing=False,
@@ -169,8 +190,10 @@ def time_fit(model: pl.LightningModule, row: Row, data: DataLoader, accelerator:
         callbacks=[timer] + ([row.callback()] if row.callback else []),
         num_sanity_val_steps=0,
     )
+    if trainer.num_devices != 1:
+        raise SystemExit(f"--devices {devices} selects {trainer.num_devices} devices; time one, e.g. --devices 1")
     trainer.fit(model, data)
-    return timer.times[1:]
+    return timer.times[1:], trainer.strategy.root_device
 
 
 def time_no_grad_forward(model: pl.LightningModule, data: DataLoader, device: torch.device) -> list[float]:
@@ -199,11 +222,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=4, help="steps per configuration, epoch and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-extras", action="store_true", help="skip the cheaper-scoring and peer rows")
-    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--accelerator", choices=["cpu", "gpu", "cuda", "mps"], default="cpu")
+    parser.add_argument(
+        "--devices", default="1", help="Lightning's devices, selecting one: '1' (the first), '3,' (device 3)"
+    )
     args = parser.parse_args(argv)
-    if args.accelerator == "gpu" and not torch.cuda.is_available():
-        parser.error("--accelerator gpu needs a CUDA device, and torch sees none")
-    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    if args.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        parser.error(f"--accelerator {args.accelerator} needs a CUDA device, and torch sees none")
 
     pl.seed_everything(0, verbose=False)
     options = {"backbone": args.backbone, "num_classes": 10, "schedule": "constant", "lr": 0.01}
@@ -222,22 +247,19 @@ def main(argv: list[str] | None = None) -> None:
                 torch.utils.data.Subset(images, range(row.batch_size * args.steps)), batch_size=row.batch_size
             )
 
-    time_fit(
-        models["shared"], rows[0], loaders[args.batch_size], args.accelerator
-    )  # warm-up: allocator, kernels, caches
+    # warm-up: allocator, kernels, caches; and the device the trainer picked
+    _, device = time_fit(models["shared"], rows[0], loaders[args.batch_size], args.accelerator, args.devices)
     times: dict[str, list[float]] = defaultdict(list)
     for _ in range(args.rounds):
         times["no-grad forward"] += time_no_grad_forward(models["shared"], loaders[args.batch_size], device)
         for row in rows:
-            times[row.label] += time_fit(models[row.model], row, loaders[row.batch_size], args.accelerator)
+            model, data = models[row.model], loaders[row.batch_size]
+            times[row.label] += time_fit(model, row, data, args.accelerator, args.devices)[0]
     median = {label: statistics.median(values) for label, values in times.items()}
 
     full, forward = median["full"], median["no-grad forward"]
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(
-        f"\n{args.backbone}, batch {args.batch_size}, {torch.get_num_threads()} threads, {hardware}, "
-        f"medians over {args.rounds} rounds of {args.steps} steps\n"
-    )
+    print(f"\n{machine(device)}")
+    print(f"{args.backbone}, batch {args.batch_size}, medians over {args.rounds} rounds of {args.steps} steps\n")
     print(f"full step {1e3 * full:.1f} ms; no-grad forward {1e3 * forward:.1f} ms\n")
     print("| configuration | step (ms) | speedup | ideal speedup | ratio |")
     print("|---|---:|---:|---:|---:|")

@@ -10,14 +10,21 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_sbp.batches import BatchAdapter
 from lightning_sbp.distributed import check_private_parameters, check_strategy, gather_rank_states, own_rank_state
 from lightning_sbp.functional.batch import subset_size
 from lightning_sbp.mixin import SelectiveBackpropMixin
 from lightning_sbp.schedule import Schedule
-from lightning_sbp.score_cache import ScoreCache, score_cache_for
+from lightning_sbp.score_cache import (
+    STORAGE_DTYPES,
+    Placement,
+    ScoreCache,
+    StorageDtype,
+    fields_read_by,
+    score_cache_for,
+)
 from lightning_sbp.scoring import (
     SCORE_DTYPES,
     LossFn,
@@ -61,10 +68,14 @@ class SelectiveBackprop(BatchAdapter, Callback):
             mixin; per-example cross-entropy when omitted.
         last_layer: qualified name of the final ``nn.Linear`` whose gradients selectors and
             metrics read; the last ``nn.Linear`` registered when omitted.
-        track_grad_error: measure, on every selective step, how well the subset's last-layer gradient
-            approximates the full batch's (``sbp/grad_error_step`` and ``_epoch``), what a random subset
-            of the same size would give (``sbp/grad_error_random_*``) and their ratio
+        track_grad_error: measure, on every ``grad_error_every``-th selective step, how well the subset's
+            last-layer gradient approximates the full batch's (``sbp/grad_error_step`` and ``_epoch``), what
+            a random subset of the same size would give (``sbp/grad_error_random_*``) and their ratio
             (``sbp/grad_error_ratio_*``).
+        grad_error_every: measure the gradient errors on the first selective step and every this many
+            after it. Only those steps pay the full-cost re-score that a cheaper scoring pass needs
+            for them, so tracking stays within a few percent of a step (see the benchmarks); ``1``
+            measures every selective step.
         exact_grad_error_every: every this many selective steps, also log ``sbp/grad_error_exact_*``,
             the same error over all trainable parameters from two extra backward passes; ``0`` never.
         score_precision: ``"same"`` scores under the trainer's precision; ``"bf16"`` or ``"16"``
@@ -79,6 +90,14 @@ class SelectiveBackprop(BatchAdapter, Callback):
             losses only, so it serves the selectors that read nothing else (``random``, ``topk``,
             ``loss``) and turns gradient-error tracking off; for the others inherit
             :class:`~lightning_sbp.SelectiveBackpropMixin` and override ``sbp_forward``/``sbp_loss``.
+        score_cache_dtype: storage dtype of the stale-score cache, ``"float32"``, ``"bfloat16"`` or
+            ``"float16"``. The cache keeps only what the selector reads (losses; and the last layer's
+            inputs and logit gradients for ``omp`` and ``gradnorm``): ``size * (4 + bytes(dtype) *
+            (1 [+ C + D]))`` bytes, logged when training starts.
+        score_cache_placement: ``"device"`` keeps the cache on the training device; ``"cpu"`` in
+            host memory (pinned under CUDA), at the price of a copy to the host on every scored step.
+        checkpoint_score_cache: save the score cache in checkpoints; off by default, since it can be
+            as large as the dataset's scores and a resumed run only re-scores one epoch without it.
 
     The gradient-error metrics always measure against the full batch scored at the trainer's
     precision and full scale: with a cheaper scoring pass (``score_precision``, ``score_scale``,
@@ -110,6 +129,10 @@ class SelectiveBackprop(BatchAdapter, Callback):
         score_scale: float = 1.0,
         stale_epochs: int = 0,
         score_fn: ScoreFn | None = None,
+        grad_error_every: int = 64,
+        score_cache_dtype: StorageDtype = "float32",
+        score_cache_placement: Placement = "device",
+        checkpoint_score_cache: bool = False,
     ) -> None:
         if isinstance(selector, str):
             selector = get_selector(selector)
@@ -151,6 +174,16 @@ class SelectiveBackprop(BatchAdapter, Callback):
             raise ValueError(f"score_scale must be a fraction in (0, 1], got {score_scale!r}")
         if isinstance(stale_epochs, bool) or not isinstance(stale_epochs, int) or stale_epochs < 0:
             raise ValueError(f"stale_epochs must be 0 (never) or a positive integer, got {stale_epochs!r}")
+        if isinstance(grad_error_every, bool) or not isinstance(grad_error_every, int) or grad_error_every < 1:
+            raise ValueError(f"grad_error_every must be a positive integer (1: every step), got {grad_error_every!r}")
+        if score_cache_dtype not in STORAGE_DTYPES:
+            raise ValueError(
+                f"score_cache_dtype must be one of {', '.join(map(repr, STORAGE_DTYPES))}; got {score_cache_dtype!r}"
+            )
+        if score_cache_placement not in ("device", "cpu"):
+            raise ValueError(f"score_cache_placement must be 'device' or 'cpu', got {score_cache_placement!r}")
+        if not isinstance(checkpoint_score_cache, bool):
+            raise ValueError(f"checkpoint_score_cache must be True or False, got {checkpoint_score_cache!r}")
         self.selector = selector
         self.keep = float(keep)
         self.schedule = Schedule(start, end, interrupt)
@@ -158,6 +191,10 @@ class SelectiveBackprop(BatchAdapter, Callback):
         self.track_grad_error = track_grad_error
         self.exact_grad_error_every = exact_grad_error_every
         self.stale_epochs = stale_epochs
+        self.grad_error_every = grad_error_every
+        self.score_cache_dtype = score_cache_dtype
+        self.score_cache_placement = score_cache_placement
+        self.checkpoint_score_cache = checkpoint_score_cache
         self.scorer = Scorer(score_mode, score_precision, float(score_scale), loss_fn, last_layer, score_fn)
         self.score_cache: ScoreCache | None = None
         self.step_log = StepLog()
@@ -228,9 +265,31 @@ class SelectiveBackprop(BatchAdapter, Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Size the stale-score cache for the training set, now that the fit loop has set up its data."""
         if self.stale_epochs:
-            self.score_cache = score_cache_for(trainer, self.stale_epochs, self.example_indices)
+            self.score_cache = self._make_score_cache(trainer)
             if self._cache_state is not None:
                 self.score_cache.load_state_dict(self._cache_state)
+
+    def _make_score_cache(self, trainer: pl.Trainer) -> ScoreCache:
+        fields, dtype = fields_read_by(self.selector), STORAGE_DTYPES[self.score_cache_dtype]
+        cache = score_cache_for(
+            trainer,
+            self.stale_epochs,
+            self.example_indices,
+            fields=fields,
+            dtype=dtype,
+            placement=self.score_cache_placement,
+        )
+        layer = self.scorer.capture.layer if self.scorer.capture is not None else None
+        widths = {"losses": 1}
+        if "features" in fields and layer is not None:
+            widths.update(logit_grads=layer.out_features, features=layer.in_features)
+        size = ScoreCache.nbytes_for(cache.size, widths, dtype)
+        rank_zero_info(
+            f"SelectiveBackprop: the stale-score cache keeps {', '.join(fields)} of {cache.size} examples in "
+            f"{self.score_cache_dtype} on the {self.score_cache_placement}: {cache.size} * (4 + "
+            f"{torch.finfo(dtype).bits // 8} * {sum(widths.values())}) bytes = {size / 2**20:.1f} MiB per rank"
+        )
+        return cache
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -266,7 +325,8 @@ class SelectiveBackprop(BatchAdapter, Callback):
             "selective_steps": self.step_log.selective_steps,
         }
         state = gather_rank_states(state)
-        state["score_cache"] = None if self.score_cache is None else self.score_cache.state_dict()
+        saved = self.checkpoint_score_cache and self.score_cache is not None
+        state["score_cache"] = self.score_cache.state_dict() if saved and self.score_cache is not None else None
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -367,12 +427,14 @@ class SelectiveBackprop(BatchAdapter, Callback):
         self, pl_module: pl.LightningModule, batch: Any, subset: Any, scores: Scores | None, selection: Selection
     ) -> dict[str, Any]:
         """The gradient-error step values, against the full batch as the trainer would score it."""
-        if self._tracker is None:
+        every = self.exact_grad_error_every
+        steps = self.step_log.selective_steps
+        exact_due = bool(every) and steps % every == 0
+        if self._tracker is None or (steps % self.grad_error_every and not exact_due):
             return {}
         true_scores = scores if scores is not None else self.scorer.score(pl_module, batch)
-        every = self.exact_grad_error_every
         exact = None
-        if every and self.step_log.selective_steps % every == 0:
+        if exact_due:
             forward, loss_fn = self.scorer.forward_and_loss(pl_module)
             exact = functools.partial(
                 subset_and_full_gradients, pl_module, forward, loss_fn, batch, subset, selection.weights

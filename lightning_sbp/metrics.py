@@ -2,7 +2,8 @@
 
 Each metric is a thin class over a pure function of :mod:`lightning_sbp.functional`: ``update``
 measures one batch, ``compute`` returns the mean over the batches seen, reduced across
-processes.
+processes. Batches on which the error is not defined (the full batch's gradient vanishes) or not
+finite are skipped.
 """
 
 from __future__ import annotations
@@ -11,62 +12,45 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+from torchmetrics import MeanMetric
 
-from lightning_sbp.functional.grad_error import random_subset_gradient_error, subset_gradient_error
+from lightning_sbp.functional.grad_error import (
+    random_subset_gradient_error,
+    relative_gradient_error,
+    subset_gradient_error,
+)
 
 __all__ = [
     "ExactGradientError",
     "GradientApproximationError",
     "GradientErrorRatio",
     "RandomSubsetGradientError",
-    "relative_gradient_error",
 ]
 
 
-def relative_gradient_error(approximation: list[Tensor], reference: list[Tensor]) -> Tensor:
-    """``‖approximation − reference‖ / ‖reference‖`` over parameter tensors taken as one vector.
+class _BatchMean(MeanMetric):
+    """The mean over batches of one value per batch, summed across processes, skipping degenerate batches.
 
-    Args:
-        approximation: gradients of the weighted subset loss, one tensor per parameter.
-        reference: gradients of the full-batch loss, in the same order and shapes.
-
-    Returns:
-        A 0-dim float64 tensor: 0 when both vanish, inf when only the reference does.
+    A batch whose value is not defined (its full-batch gradient vanishes, as when every loss is
+    non-finite and every gradient is zeroed) or not finite enters with weight zero: the epoch mean
+    stays the mean of the batches that could be measured, and the value of such a batch alone
+    (what ``forward`` returns for step logging) is NaN, not a misleading 0. Deciding it takes no
+    host-device synchronisation. The epoch value is NaN only when no batch could be measured.
     """
-    if len(approximation) != len(reference):
-        raise ValueError(f"got {len(approximation)} approximate and {len(reference)} reference gradients")
-    difference = torch.zeros((), dtype=torch.float64, device=reference[0].device)
-    norm = torch.zeros_like(difference)
-    for approx, ref in zip(approximation, reference, strict=True):
-        difference += (approx.double() - ref.double()).square().sum()
-        norm += ref.double().square().sum()
-    ratio = difference.sqrt() / norm.sqrt()
-    return torch.where(difference == 0, torch.zeros_like(ratio), ratio)
 
-
-class _BatchMean(Metric):
-    """The mean over batches of one value per batch, summed across processes."""
-
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
-
-    total: Tensor
-    batches: Tensor
+    is_differentiable = False  # type: ignore[assignment]
+    higher_is_better = False  # type: ignore[assignment]
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("batches", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        super().__init__(nan_strategy="disable", **kwargs)
+        self.set_dtype(torch.float64)
 
-    def _add(self, value: Tensor) -> None:
-        self.total += value.detach().to(self.total.dtype)
-        self.batches += 1
-
-    def compute(self) -> Tensor:
-        """The mean of the per-batch values seen since the last reset."""
-        return self.total / self.batches
+    def _add(self, value: Tensor, defined: Tensor) -> None:
+        # MeanMetric's own update cannot skip without a sync: its NaN strategies test `nans.any()` on the host,
+        # and "disable" resets the weights to one. The states, their reduction and compute are MeanMetric's.
+        counted = defined & torch.isfinite(value)
+        self.mean_value += torch.where(counted, value.detach().to(self.mean_value.dtype), 0.0)
+        self.weight += counted.to(self.weight.dtype)
 
 
 class GradientApproximationError(_BatchMean):
@@ -83,9 +67,9 @@ class GradientApproximationError(_BatchMean):
         1.0
     """
 
-    def update(self, gram: Tensor, indices: Tensor, weights: Tensor) -> None:
+    def update(self, gram: Tensor, indices: Tensor, weights: Tensor) -> None:  # type: ignore[override]
         """Measure one batch: its Gram matrix ``[N, N]``, the kept indices ``[k]`` and their weights ``[k]``."""
-        self._add(subset_gradient_error(gram, indices, weights))
+        self._add(subset_gradient_error(gram, indices, weights), gram.sum() > 0)
 
 
 class RandomSubsetGradientError(_BatchMean):
@@ -96,9 +80,9 @@ class RandomSubsetGradientError(_BatchMean):
     :func:`~lightning_sbp.functional.random_subset_gradient_error`).
     """
 
-    def update(self, gram: Tensor, k: int) -> None:
+    def update(self, gram: Tensor, k: int) -> None:  # type: ignore[override]
         """Measure one batch: its Gram matrix ``[N, N]`` and the subset size ``k``."""
-        self._add(random_subset_gradient_error(gram, k))
+        self._add(random_subset_gradient_error(gram, k), gram.sum() > 0)
 
 
 class GradientErrorRatio(_BatchMean):
@@ -108,9 +92,9 @@ class GradientErrorRatio(_BatchMean):
     subsets of the same size.
     """
 
-    def update(self, error: Tensor, random_error: Tensor) -> None:
+    def update(self, error: Tensor, random_error: Tensor) -> None:  # type: ignore[override]
         """Measure one batch from its selector error and its random-subset error."""
-        self._add(error.double() / random_error.double())
+        self._add(error.double() / random_error.double(), random_error > 0)
 
 
 class ExactGradientError(_BatchMean):
@@ -119,6 +103,7 @@ class ExactGradientError(_BatchMean):
     The ground truth the last-layer proxy stands for, at the price of a full backward.
     """
 
-    def update(self, approximation: list[Tensor], reference: list[Tensor]) -> None:
+    def update(self, approximation: list[Tensor], reference: list[Tensor]) -> None:  # type: ignore[override]
         """Measure one batch from subset gradients and full-batch gradients, one tensor per parameter."""
-        self._add(relative_gradient_error(approximation, reference))
+        reference_norm = torch.stack([torch.linalg.vector_norm(grad) for grad in reference]).amax()
+        self._add(relative_gradient_error(approximation, reference), reference_norm > 0)

@@ -3,60 +3,203 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sized
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import default_collate
 
 from lightning_sbp.distributed import SCORE_FIELDS, gather_scores
-from lightning_sbp.selectors.base import Scores
+from lightning_sbp.selectors.base import Scores, Selector
 
-__all__ = ["ScoreCache", "gather_scores", "score_cache_for"]
+__all__ = [
+    "STORAGE_DTYPES",
+    "Placement",
+    "ScoreCache",
+    "StorageDtype",
+    "fields_read_by",
+    "gather_scores",
+    "score_cache_for",
+]
 
 _NEVER = -(2**31)  # the scored epoch of an example not scored yet
+
+
+Placement = Literal["device", "cpu"]
+StorageDtype = Literal["float32", "bfloat16", "float16"]
+STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_STAMP_BYTES = 4  # the int32 epoch stamp of every example, kept on the host
+
+
+def fields_read_by(selector: Selector) -> tuple[str, ...]:
+    """The score fields a selector reads: losses, and the last layer's inputs and logit gradients if it needs them."""
+    return ("losses", "logit_grads", "features") if selector.needs_last_layer else ("losses",)
 
 
 class ScoreCache:
     """Scores of every example of a dataset, with the epoch that computed them.
 
-    A score computed in epoch ``t`` is fresh through epoch ``t + stale_epochs``. Tensors are
-    allocated on the device of the first scores stored and hold one row per example, so the
-    cache never outgrows the dataset.
+    A score computed in epoch ``t`` is fresh through epoch ``t + stale_epochs``. Only ``fields``
+    are kept, one row per example, so the cache never outgrows the dataset. Its size in bytes is
+
+    ``size * (4 + itemsize(dtype) * sum(width of each field))``
+
+    with width 1 for ``losses``, ``C`` (classes) for ``logit_grads`` and ``D`` (inputs of the final
+    linear layer) for ``features``: the 4 bytes are each example's epoch stamp, kept on the host so
+    that the skip-or-score decision reads no device memory when the batch's example indices are on
+    the host. With ``losses`` alone in float32, that is 8 bytes per example, 8 MB per million.
 
     Args:
         size: number of examples in the training set; indices are in ``[0, size)``.
         stale_epochs: how many epochs after the one that computed it a score is reused.
+        fields: the score fields to keep (see :func:`fields_read_by`).
+        dtype: storage dtype of the scores; they are handed back in float32.
+        placement: ``"device"`` keeps the scores on the device of the first scores stored;
+            ``"cpu"`` keeps them in host memory (pinned when CUDA is available), which frees device
+            memory at the price of a copy to the host on every scored step.
     """
 
-    def __init__(self, size: int, stale_epochs: int) -> None:
+    def __init__(
+        self,
+        size: int,
+        stale_epochs: int,
+        fields: tuple[str, ...] = SCORE_FIELDS,
+        dtype: torch.dtype = torch.float32,
+        placement: Placement = "device",
+    ) -> None:
         if size < 1:
             raise ValueError(f"size must be positive, got {size}")
         if stale_epochs < 1:
             raise ValueError(f"stale_epochs must be positive, got {stale_epochs}")
+        unknown = set(fields) - set(SCORE_FIELDS)
+        if unknown or not fields:
+            raise ValueError(f"fields must be some of {', '.join(SCORE_FIELDS)}; got {fields!r}")
+        if placement not in ("device", "cpu"):
+            raise ValueError(f"placement must be 'device' or 'cpu', got {placement!r}")
         self.size = size
         self.stale_epochs = stale_epochs
+        self.fields = tuple(fields)
+        self.dtype = dtype
+        self.placement = placement
         self.tensors: dict[str, Tensor] = {}
         self.bias = True
+        self._scored = np.full(size, _NEVER, dtype=np.int32)
+        self._rows: tuple[Tensor, np.ndarray] | None = None
+
+    @staticmethod
+    def nbytes_for(size: int, widths: dict[str, int], dtype: torch.dtype) -> int:
+        """The cache's size in bytes for ``size`` examples and the ``widths`` of the kept fields."""
+        return size * (_STAMP_BYTES + torch.finfo(dtype).bits // 8 * sum(widths.values()))
+
+    @property
+    def scored_epochs(self) -> Tensor:
+        """The epoch that scored each example, ``-2**31`` for examples not scored yet: a view of the host stamps."""
+        return torch.from_numpy(self._scored)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now: the epoch stamps and the score tensors allocated so far."""
+        return self._scored.nbytes + sum(tensor.nbytes for tensor in self.tensors.values())
+
+    def _host_rows(self, indices: Tensor) -> np.ndarray:
+        """``indices`` as a host array: free for host indices, one copy (a synchronisation) for device ones.
+
+        The copy of the batch's indices is kept, so that :meth:`store` after a :meth:`lookup` miss of the
+        same batch does not pay it again.
+        """
+        if self._rows is not None and self._rows[0] is indices:
+            return self._rows[1]
+        rows = (indices if indices.device.type == "cpu" else indices.cpu()).numpy()
+        self._rows = (indices, rows)
+        return rows
 
     def lookup(self, indices: Tensor, epoch: int) -> Scores | None:
         """The cached scores of ``indices`` if every one of them is fresh in ``epoch``, else ``None``.
 
-        Deciding whether the forward pass can be skipped reads one flag on the host: the only
-        synchronisation stale scores add, paid on the steps that save a forward pass.
+        The decision reads the epoch stamps on the host: no synchronisation when ``indices`` are on
+        the host, one copy of the indices to the host when they are on a device. The scores come
+        back in float32 on the device of ``indices``.
         """
-        scored = self.tensors.get("scored_epoch")
-        if scored is None:
+        if not self.tensors:
             return None
-        if scored.device != indices.device:
-            self.tensors = {name: tensor.to(indices.device) for name, tensor in self.tensors.items()}
-            scored = self.tensors["scored_epoch"]
-        age = epoch - scored[indices]
-        if not bool(((age >= 0) & (age <= self.stale_epochs)).all()):
+        host = self._host_rows(indices)
+        age = epoch - self._scored[host]
+        if not ((age >= 0) & (age <= self.stale_epochs)).all():
             return None
-        rows = {name: self.tensors[name][indices] for name in SCORE_FIELDS if name in self.tensors}
+        rows = {}
+        for name, tensor in self.tensors.items():
+            where = torch.from_numpy(host) if tensor.device.type == "cpu" else indices
+            rows[name] = tensor[where].to(indices.device, torch.float32, non_blocking=True)
         return Scores(bias=self.bias, **rows)
+
+    def store(self, indices: Tensor, scores: Scores, epoch: int) -> None:
+        """Remember the kept fields of ``scores`` for the examples ``indices``, computed in ``epoch``.
+
+        Rows whose index is negative (the padding of a gather across ranks) are left out.
+        """
+        self.bias = scores.bias
+        values = {name: getattr(scores, name) for name in self.fields if getattr(scores, name) is not None}
+        if any(name not in self.tensors for name in values):
+            self._allocate(values, indices.device)
+        host = self._host_rows(indices)
+        if (host < 0).any():
+            kept = np.flatnonzero(host >= 0)
+            positions = torch.from_numpy(kept).to(indices.device, non_blocking=True)
+            indices, host = indices.index_select(0, positions), host[kept]
+            values = {name: value.index_select(0, positions.to(value.device)) for name, value in values.items()}
+        for name, value in values.items():
+            tensor = self.tensors[name]
+            where = torch.from_numpy(host) if tensor.device.type == "cpu" else indices
+            tensor[where] = value.to(tensor.device, self.dtype)
+        self._scored[host] = epoch
+
+    def _allocate(self, values: dict[str, Tensor], device: torch.device) -> None:
+        if self.placement == "cpu":
+            device = torch.device("cpu")
+        pin = self.placement == "cpu" and torch.cuda.is_available()
+        self.tensors = {
+            name: torch.zeros((self.size, *value.shape[1:]), dtype=self.dtype, device=device, pin_memory=pin)
+            for name, value in values.items()
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rows of the examples scored so far, on the CPU: ``{"bias", "indices", "rows"}``."""
+        if not self.tensors:
+            return {"bias": self.bias, "indices": torch.empty(0, dtype=torch.long), "rows": {}}
+        filled = torch.from_numpy(np.flatnonzero(self._scored > _NEVER))
+        rows = {name: tensor[filled.to(tensor.device)].cpu() for name, tensor in self.tensors.items()}
+        rows["scored_epoch"] = torch.from_numpy(self._scored[filled.numpy()]).long()
+        return {"bias": self.bias, "indices": filled, "rows": rows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; tensors move to the data's device at the next lookup.
+
+        Raises:
+            ValueError: if the state holds examples beyond this cache's ``size``.
+        """
+        self.bias = bool(state.get("bias", True))
+        indices = torch.as_tensor(state.get("indices", []), dtype=torch.long)
+        rows: dict[str, Tensor] = dict(state.get("rows", {}))
+        self.tensors = {}
+        self._scored[:] = _NEVER
+        if indices.numel() == 0 or "scored_epoch" not in rows:
+            return
+        if int(indices.max()) >= self.size:
+            raise ValueError(
+                f"the saved score cache holds example {int(indices.max())}, beyond this training set of "
+                f"{self.size} examples: the checkpoint was written for other training data"
+            )
+        kept = {name: row for name, row in rows.items() if name in self.fields}
+        self._allocate(kept, torch.device("cpu"))
+        for name, row in kept.items():
+            self.tensors[name][indices] = row.to(self.dtype)
+        self._scored[indices.numpy()] = rows["scored_epoch"].numpy()
 
     def lookup_on_every_rank(self, indices: Tensor, epoch: int, trainer: pl.Trainer) -> Scores | None:
         """:meth:`lookup`, agreed across ranks: the cached scores only if every rank's batch is fresh.
@@ -74,62 +217,20 @@ class ScoreCache:
         """:meth:`store` every rank's scores on every rank: a collective under DDP.
 
         Each rank sees other examples in every epoch; storing all ranks' scores in every rank's
-        cache is what lets a later batch find all of its examples fresh.
+        cache is what lets a later batch find all of its examples fresh. When the loader's batch
+        size bounds every rank's batch, that is one gather and one copy of the indices to the host.
         """
         if trainer.world_size > 1:
-            indices, scores = gather_scores(indices, scores)
+            capacity = getattr(trainer.train_dataloader, "batch_size", None)
+            indices, scores = gather_scores(indices, scores, capacity if isinstance(capacity, int) else None)
         self.store(indices, scores, epoch)
-
-    def store(self, indices: Tensor, scores: Scores, epoch: int) -> None:
-        """Remember ``scores`` for the examples ``indices``, computed in ``epoch``."""
-        self.bias = scores.bias
-        values = {name: getattr(scores, name) for name in SCORE_FIELDS if getattr(scores, name) is not None}
-        if "scored_epoch" not in self.tensors or any(name not in self.tensors for name in values):
-            self._allocate(values, indices.device)
-        for name, value in values.items():
-            self.tensors[name][indices] = value.to(self.tensors[name].dtype)
-        self.tensors["scored_epoch"][indices] = epoch
-
-    def _allocate(self, values: dict[str, Tensor], device: torch.device) -> None:
-        self.tensors = {
-            name: torch.zeros((self.size, *value.shape[1:]), dtype=torch.float32, device=device)
-            for name, value in values.items()
-        }
-        self.tensors["scored_epoch"] = torch.full((self.size,), _NEVER, dtype=torch.long, device=device)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The rows of the examples scored so far, on the CPU: ``{"bias", "indices", "rows"}``."""
-        scored = self.tensors.get("scored_epoch")
-        if scored is None:
-            return {"bias": self.bias, "indices": torch.empty(0, dtype=torch.long), "rows": {}}
-        filled = (scored > _NEVER).nonzero().flatten()
-        rows = {name: tensor[filled].cpu() for name, tensor in self.tensors.items()}
-        return {"bias": self.bias, "indices": filled.cpu(), "rows": rows}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned; tensors move to the data's device at the next lookup.
-
-        Raises:
-            ValueError: if the state holds examples beyond this cache's ``size``.
-        """
-        self.bias = bool(state.get("bias", True))
-        indices = torch.as_tensor(state.get("indices", []), dtype=torch.long)
-        rows: dict[str, Tensor] = dict(state.get("rows", {}))
-        self.tensors = {}
-        if indices.numel() == 0 or "scored_epoch" not in rows:
-            return
-        if int(indices.max()) >= self.size:
-            raise ValueError(
-                f"the saved score cache holds example {int(indices.max())}, beyond this training set of "
-                f"{self.size} examples: the checkpoint was written for other training data"
-            )
-        self._allocate({name: row for name, row in rows.items() if name != "scored_epoch"}, torch.device("cpu"))
-        for name, row in rows.items():
-            self.tensors[name][indices] = row.to(self.tensors[name].dtype)
 
 
 def score_cache_for(
-    trainer: pl.Trainer, stale_epochs: int, example_indices: Callable[[Any], Tensor | None]
+    trainer: pl.Trainer,
+    stale_epochs: int,
+    example_indices: Callable[[Any], Tensor | None],
+    **options: Any,
 ) -> ScoreCache:
     """A cache sized for the trainer's training set, once the fit loop has set up its data.
 
@@ -137,6 +238,7 @@ def score_cache_for(
         trainer: a trainer whose ``train_dataloader`` is set (from ``on_train_start`` on).
         stale_epochs: how many epochs after the one that computed it a score is reused.
         example_indices: reads the dataset indices of a batch (``SelectiveBackprop.example_indices``).
+        options: ``fields``, ``dtype`` and ``placement`` of :class:`ScoreCache`.
 
     Raises:
         ValueError: if the training examples carry no dataset index.
@@ -150,4 +252,4 @@ def score_cache_for(
             f"the training data yields {type(example).__name__} examples without one. The recipes' DataModules "
             "return indices; wrap your dataset to return them, or override SelectiveBackprop.example_indices"
         )
-    return ScoreCache(len(cast(Sized, dataset)), stale_epochs)
+    return ScoreCache(len(cast(Sized, dataset)), stale_epochs, **options)

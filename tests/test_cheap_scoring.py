@@ -88,7 +88,7 @@ def test_stale_scores_skip_the_scoring_pass_while_fresh() -> None:
     assert model.graph_sizes == [4] * 16
     cache = sbp.score_cache
     assert cache is not None and cache.tensors["losses"].shape == (64,)
-    assert cache.tensors["scored_epoch"].tolist() == [2] * 64
+    assert cache.scored_epochs.tolist() == [2] * 64
 
 
 def test_stale_scores_select_from_the_cached_losses() -> None:
@@ -109,18 +109,44 @@ def test_stale_scores_need_indexed_batches_and_refuse_at_setup() -> None:
         trainer(callbacks=[SelectiveBackprop("topk", stale_epochs=1)]).fit(SmallCNN(), loader(blobs(32), 16))
 
 
-def test_score_cache_is_part_of_the_checkpoint(tmp_path: Path) -> None:
-    sbp = SelectiveBackprop("topk", keep=0.25, stale_epochs=2, track_grad_error=False)
-    t = trainer(callbacks=[sbp], max_epochs=1)
+@pytest.mark.parametrize("saved", [True, False])
+def test_score_cache_is_in_the_checkpoint_only_when_asked(tmp_path: Path, saved: bool) -> None:
+    options = {"keep": 0.25, "stale_epochs": 2, "track_grad_error": False, "checkpoint_score_cache": saved}
+    t = trainer(callbacks=[SelectiveBackprop("topk", **options)], max_epochs=1)
     t.fit(SmallCNN(), loader(Indexed(blobs(32)), 16))
     t.save_checkpoint(tmp_path / "one.ckpt")
     resumed_model = SmallCNN()
-    resumed = SelectiveBackprop("topk", keep=0.25, stale_epochs=2, track_grad_error=False)
-    trainer(callbacks=[resumed], max_epochs=2).fit(
+    trainer(callbacks=[SelectiveBackprop("topk", **options)], max_epochs=2).fit(
         resumed_model, loader(Indexed(blobs(32)), 16), ckpt_path=str(tmp_path / "one.ckpt")
     )
-    assert resumed_model.scoring_shapes == [], "epoch 1 reuses the scores restored from epoch 0"
+    # With the cache saved, epoch 1 reuses the scores restored from epoch 0; without, it scores again.
+    assert len(resumed_model.scoring_shapes) == (0 if saved else 2)
     assert resumed_model.graph_sizes == [4, 4]
+
+
+def test_with_default_tracking_stale_hits_skip_the_scoring_forward() -> None:
+    model = SmallCNN(dropout=0.0)
+    sbp = SelectiveBackprop("topk", keep=0.25, stale_epochs=1)
+    trainer(callbacks=[sbp], max_epochs=2).fit(model, loader(Indexed(blobs(64)), 16))
+    # Epoch 0 scores its 4 batches (tracking reuses those scores); epoch 1 hits the cache on every batch and,
+    # with tracking sampled every 64 selective steps, never pays a re-score.
+    assert len(model.scoring_shapes) == 4
+
+
+def test_gradient_errors_are_measured_every_grad_error_every_steps() -> None:
+    model = SmallCNN(dropout=0.0)
+    measured: list[int] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            assert sbp._tracker is not None
+            measured.append(int(sbp._tracker.grad_error.weight))  # batches in the epoch mean so far
+
+    sbp = SelectiveBackprop("topk", keep=0.25, grad_error_every=3, score_scale=0.5)
+    trainer(callbacks=[sbp, Record()], max_epochs=1).fit(model, loader(Indexed(blobs(112)), 16))
+    assert measured == [1, 1, 1, 2, 2, 2, 3]
+    # One cheap scoring pass per step, and a full-cost re-score on the three measured steps only.
+    assert len(model.scoring_shapes) == 7 + 3
 
 
 @pytest.mark.parametrize(
@@ -131,6 +157,10 @@ def test_score_cache_is_part_of_the_checkpoint(tmp_path: Path) -> None:
         ({"score_scale": 2}, r"\(0, 1\]"),
         ({"stale_epochs": -1}, "positive integer"),
         ({"stale_epochs": 1.5}, "positive integer"),
+        ({"grad_error_every": 0}, "positive integer"),
+        ({"score_cache_dtype": "int8"}, "'float32', 'bfloat16', 'float16'"),
+        ({"score_cache_placement": "disk"}, "'device' or 'cpu'"),
+        ({"checkpoint_score_cache": 1}, "True or False"),
     ],
 )
 def test_bad_cheap_scoring_arguments(kwargs: dict[str, Any], message: str) -> None:

@@ -1,8 +1,11 @@
+import contextlib
 import itertools
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
+from dispatch import DispatchRecorder
 from scipy.optimize import nnls
 from sklearn.linear_model import orthogonal_mp_gram
 
@@ -255,3 +258,105 @@ def test_argument_validation() -> None:
         omp_gram(gram, torch.ones(4), 2)
     with pytest.raises(ValueError, match="floating point"):
         omp_gram(gram.long(), target, 2)
+
+
+def _recorded(n: int, k: int, seed: int, nonnegative: bool = False) -> DispatchRecorder:
+    x, _ = _atoms(n + 8, n, seed, torch.float32)
+    gram = x.T @ x
+    with DispatchRecorder() as recorder:
+        omp_gram(gram, gram.mean(dim=1), k, nonnegative=nonnegative)
+    return recorder
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_static_shapes_and_no_host_syncs(nonnegative: bool) -> None:
+    # Two different problems of the same size run the same operators on tensors of the same shapes: the
+    # sequence a CUDA graph captures. No operator reads device data on the host.
+    first, second = _recorded(40, 12, 0, nonnegative), _recorded(40, 12, 1, nonnegative)
+    assert first.calls == second.calls
+    assert first.host_syncs() == {}
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_few_kernels_per_pick(nonnegative: bool) -> None:
+    # The greedy loop's kernels per pick, from the difference of two runs that differ only in k.
+    per_pick = (_recorded(96, 48, 0, nonnegative).kernels() - _recorded(96, 16, 0, nonnegative).kernels()) / 32
+    assert per_pick <= 13.5
+
+
+def test_replayed_runner_reuses_its_buffers_and_matches_eager() -> None:
+    captures = []
+
+    def eager_capture(run, device):  # what a CUDA graph does, run eagerly: once at capture, then per replay
+        captures.append(device)
+        run()
+        return run
+
+    runner = omp_module._ReplayedOMP(30, 9, torch.float64, False, torch.device("cpu"), capture=eager_capture)
+    buffers = runner.gram.data_ptr(), runner.indices.data_ptr()
+    for seed in range(3):
+        x, y = _atoms(40, 30, seed)
+        gram, target = x.T @ x, x.T @ y
+        indices, coef = runner(gram, target)
+        expected = omp_gram(gram, target, 9)
+        assert torch.equal(indices, expected[0])
+        torch.testing.assert_close(coef, expected[1], rtol=0, atol=0)
+    assert captures == [torch.device("cpu")]
+    assert (runner.gram.data_ptr(), runner.indices.data_ptr()) == buffers
+
+
+def test_cuda_graph_capture_warms_up_on_a_side_stream_then_captures_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[str] = []
+
+    class Stream:
+        def __init__(self, device: torch.device) -> None:
+            self.device = device
+
+        def wait_stream(self, other: object) -> None:
+            events.append(f"{getattr(self, 'name', 'side')} waits")
+
+    class Current(Stream):
+        name = "current"
+
+    class Graph:
+        def replay(self) -> None:
+            events.append("replay")
+
+    @contextlib.contextmanager
+    def on_stream(stream: Stream) -> Iterator[None]:
+        events.append("enter side stream")
+        yield
+        events.append("leave side stream")
+
+    @contextlib.contextmanager
+    def capturing(graph: Graph) -> Iterator[None]:
+        assert isinstance(graph, Graph)
+        events.append("begin capture")
+        yield
+        events.append("end capture")
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Current)
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capturing)
+    runner = omp_module._ReplayedOMP(12, 4, torch.float32, True, torch.device("cpu"))
+    runner(torch.eye(12), torch.ones(12))
+    assert events == [
+        "side waits",
+        "enter side stream",
+        "leave side stream",
+        "current waits",
+        "begin capture",
+        "end capture",
+        "replay",
+    ]
+
+
+def test_cpu_inputs_never_reach_the_graph_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object) -> None:
+        raise AssertionError("no CUDA graph on the CPU")
+
+    monkeypatch.setattr(omp_module, "_replayed_omp", refuse)
+    x, y = _atoms(20, 10, 0)
+    omp_gram(x.T @ x, x.T @ y, 5)

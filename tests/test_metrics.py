@@ -1,23 +1,28 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from ddp_models import START_METHOD, random_gram, reduce_worker
+from dispatch import DispatchRecorder
 from helpers import SmallCNN, blobs, loader, trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_sbp import SelectiveBackprop
-from lightning_sbp.functional.grad_error import random_subset_gradient_error, subset_gradient_error
+from lightning_sbp.functional.grad_error import (
+    random_subset_gradient_error,
+    relative_gradient_error,
+    subset_gradient_error,
+)
 from lightning_sbp.metrics import (
     ExactGradientError,
     GradientApproximationError,
     GradientErrorRatio,
     RandomSubsetGradientError,
-    relative_gradient_error,
 )
 from lightning_sbp.tracking import subset_and_full_gradients
 
@@ -50,6 +55,34 @@ def test_relative_gradient_error_treats_parameters_as_one_vector() -> None:
     metric(approximation, reference)
     metric(reference, reference)
     torch.testing.assert_close(metric.compute(), torch.tensor(0.1, dtype=torch.float64))
+
+
+def test_degenerate_batches_are_skipped_without_host_syncs() -> None:
+    gram = random_gram(8, 0)
+    indices, weights = torch.tensor([0, 3, 5]), torch.ones(3, dtype=torch.float64)
+    zero = torch.zeros(8, 8, dtype=torch.float64)  # every loss non-finite: every gradient zeroed
+    proxy, rand, ratio = GradientApproximationError(), RandomSubsetGradientError(), GradientErrorRatio()
+    exact = ExactGradientError()
+    good = [torch.tensor([3.0, 1.0])], [torch.tensor([3.0, 0.0])]
+    with DispatchRecorder() as recorder:
+        error, random_error = proxy(gram, indices, weights), rand(gram, 3)
+        ratio(error, random_error)
+        exact(*good)
+        degenerate = [proxy(zero, indices, weights), rand(zero, 3)]
+        degenerate.append(ratio(*degenerate))
+        degenerate.append(exact([torch.tensor([1.0, 0.0])], [torch.zeros(2)]))
+        degenerate.append(exact([torch.tensor([math.nan])], [torch.tensor([math.nan])]))
+    assert recorder.host_syncs() == {}
+    # The step value of a degenerate batch is NaN, not 0; the epoch value ignores it.
+    assert all(value.isnan() for value in degenerate)
+    torch.testing.assert_close(proxy.compute(), subset_gradient_error(gram, indices, weights).double())
+    torch.testing.assert_close(rand.compute(), random_subset_gradient_error(gram, 3).double())
+    torch.testing.assert_close(ratio.compute(), (error / random_error).double())
+    torch.testing.assert_close(exact.compute(), torch.tensor(1 / 3, dtype=torch.float64))
+    # An epoch of degenerate batches alone has nothing to report.
+    alone = GradientErrorRatio()
+    alone(torch.tensor(0.0), torch.tensor(0.0))
+    assert alone.compute().isnan()
 
 
 def test_metric_reduces_across_two_processes(tmp_path: Path) -> None:

@@ -64,17 +64,65 @@ def test_a_cache_state_from_a_larger_training_set_is_refused() -> None:
         ScoreCache(size=5, stale_epochs=1).load_state_dict(cache.state_dict())
 
 
-def test_gather_scores_concatenates_every_ranks_batch_in_rank_order(tmp_path: Path) -> None:
-    # Rank 0 holds 3 examples and rank 1 holds 5: the gather pads and trims.
+@pytest.mark.parametrize("capacity", [None, 6])
+def test_gather_scores_concatenates_every_ranks_batch_in_rank_order(tmp_path: Path, capacity: int | None) -> None:
+    # Rank 0 holds 3 examples and rank 1 holds 5: the gather pads and trims, or, with a capacity known to
+    # every rank, pads each batch to it in one gather and marks the padding with index -1.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.start_processes(gather_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method=START_METHOD)
+    mp.start_processes(
+        gather_worker, args=(2, port, str(tmp_path), capacity), nprocs=2, join=True, start_method=START_METHOD
+    )
     batches = [rank_scores(rank) for rank in range(2)]
     for rank in range(2):
         indices, gathered = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
-        assert torch.equal(indices, torch.cat([batch_indices for batch_indices, _ in batches]))
+        real = indices >= 0
+        assert real.sum() == 8 and len(indices) == (8 if capacity is None else 2 * capacity)
+        assert torch.equal(indices[real], torch.cat([batch_indices for batch_indices, _ in batches]))
         for name in ("losses", "logits", "logit_grads", "features"):
             expected = torch.cat([getattr(scores, name).float() for _, scores in batches])
-            assert torch.equal(getattr(gathered, name), expected), name
+            assert torch.equal(getattr(gathered, name)[real], expected), name
         assert gathered.bias is False
+        # Storing the gathered rows leaves the padding out.
+        cache = ScoreCache(size=20, stale_epochs=1)
+        cache.store(indices, gathered, epoch=0)
+        assert torch.nonzero(cache.scored_epochs == 0).flatten().tolist() == sorted(set(indices[real].tolist()))
+
+
+def test_loss_scores_of_a_million_examples_take_four_bytes_each_plus_the_epoch_stamp() -> None:
+    from lightning_sbp.score_cache import fields_read_by
+    from lightning_sbp.selectors import get_selector
+
+    fields = fields_read_by(get_selector("loss"))
+    assert fields == fields_read_by(get_selector("topk")) == ("losses",)
+    cache = ScoreCache(size=1_000_000, stale_epochs=1, fields=fields)
+    indices = torch.randperm(1_000_000, generator=torch.Generator().manual_seed(0))[:256]
+    cache.store(indices, scores(torch.rand(256).tolist()), epoch=0)
+    stamps = cache.scored_epochs.nbytes
+    assert stamps == 4 * 1_000_000  # bookkeeping: one int32 epoch per example
+    assert cache.nbytes - stamps <= 4 * 1_000_000
+    assert set(cache.tensors) == {"losses"}
+    assert cache.nbytes == ScoreCache.nbytes_for(1_000_000, {"losses": 1}, torch.float32)
+    hit = cache.lookup(indices[:5], epoch=1)
+    assert hit is not None and hit.features is None and hit.logit_grads is None
+
+
+def test_storage_dtype_and_host_placement() -> None:
+    cache = ScoreCache(size=8, stale_epochs=1, dtype=torch.bfloat16, placement="cpu")
+    cache.store(torch.tensor([1, 6]), scores([1.0, 2.5]), epoch=0)
+    assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in cache.tensors.values())
+    assert cache.nbytes == ScoreCache.nbytes_for(8, {"losses": 1, "logit_grads": 1, "features": 3}, torch.bfloat16)
+    hit = cache.lookup(torch.tensor([6, 1]), epoch=1)
+    assert hit is not None and hit.losses.dtype == torch.float32 and hit.losses.tolist() == [2.5, 1.0]
+
+
+def test_lookup_of_host_indices_reads_nothing_back() -> None:
+    from dispatch import DispatchRecorder
+
+    cache = ScoreCache(size=10, stale_epochs=1)
+    cache.store(torch.tensor([1, 2]), scores([1.0, 2.0]), epoch=0)
+    with DispatchRecorder() as recorder:
+        assert cache.lookup(torch.tensor([2, 1]), epoch=1) is not None
+        assert cache.lookup(torch.tensor([2, 3]), epoch=1) is None
+    assert recorder.host_syncs() == {}

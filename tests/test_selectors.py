@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from dispatch import DispatchRecorder
 from torch import Tensor, nn
 
 from lightning_sbp.functional.grad_error import random_subset_gradient_error, subset_gradient_error
@@ -284,6 +285,44 @@ def test_gradnorm_smoothing_mixes_in_the_uniform_distribution() -> None:
     # smoothing = 1 is uniform random selection with unit weights.
     selection = GradNormSelector(smoothing=1.0).select(scores_with_bounds(bounds), 2, generator())
     assert torch.allclose(selection.weights, torch.ones(2))
+
+
+def test_gradnorm_gives_a_pick_of_zero_probability_no_weight(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Four examples share the budget k = 4 (probability one each), four have a zero bound. The largest
+    # float32 start below one makes the points u + s round up to the next integer, so the systematic draw
+    # skips a sure example and its last point falls past the end, onto an example of probability zero.
+    bounds = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0])
+    n, k = 8, 4
+    below_one = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()
+    real_rand = torch.rand
+
+    def start_below_one(*size: int, **kwargs: object) -> Tensor:
+        return torch.full_like(real_rand(*size, **kwargs), below_one)
+
+    monkeypatch.setattr(torch, "rand", start_below_one)
+    for normalize in (False, True):
+        hits = 0
+        for seed in range(20):
+            selection = GradNormSelector(normalize=normalize).select(scores_with_bounds(bounds), k, generator(seed))
+            assert selection.indices.unique().numel() == k
+            zero = bounds[selection.indices] == 0
+            hits += int(zero.any())
+            assert torch.isfinite(selection.weights).all()
+            assert torch.equal(selection.weights[zero], torch.zeros(int(zero.sum())))
+            if normalize:
+                assert float(selection.weights.sum()) == pytest.approx(k)
+            else:
+                # The design's largest weight: k / (N * pi) with pi = 1 for every drawable example.
+                assert torch.allclose(selection.weights[~zero], torch.full((k - int(zero.sum()),), k / n))
+        assert hits > 0  # the rounding case did occur
+
+
+def test_gradnorm_selects_without_host_syncs() -> None:
+    bounds = torch.rand(64, generator=generator(5)) * torch.tensor([0.0, 1.0]).repeat(32)
+    for selector in (GradNormSelector(), GradNormSelector(smoothing=0.3), GradNormSelector(normalize=True)):
+        with DispatchRecorder() as recorder:
+            selector.select(scores_with_bounds(bounds), 16, generator(1))
+        assert recorder.host_syncs() == {}, selector
 
 
 # --- omp -------------------------------------------------------------------------------------------

@@ -4,7 +4,11 @@ Nothing here knows Lightning; every function runs on the device of its inputs.
 """
 
 from lightning_sbp.functional.batch import batch_size, example_indices, index_batch, subset_size
-from lightning_sbp.functional.grad_error import random_subset_gradient_error, subset_gradient_error
+from lightning_sbp.functional.grad_error import (
+    random_subset_gradient_error,
+    relative_gradient_error,
+    subset_gradient_error,
+)
 from lightning_sbp.functional.gram import gradient_gram, gradient_norm_bound, last_layer_gram, logit_gradients
 from lightning_sbp.functional.loss import per_example_cross_entropy
 from lightning_sbp.functional.omp import omp_gram
@@ -24,6 +28,7 @@ __all__ = [
     "omp_gram",
     "per_example_cross_entropy",
     "random_subset_gradient_error",
+    "relative_gradient_error",
     "subset_gradient_error",
     "subset_size",
 ]

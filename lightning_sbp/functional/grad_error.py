@@ -12,7 +12,7 @@ import operator
 import torch
 from torch import Tensor
 
-__all__ = ["random_subset_gradient_error", "subset_gradient_error"]
+__all__ = ["random_subset_gradient_error", "relative_gradient_error", "subset_gradient_error"]
 
 
 def _check_gram(gram: Tensor) -> None:
@@ -102,3 +102,26 @@ def random_subset_gradient_error(gram: Tensor, k: int) -> Tensor:
         return _relative(torch.zeros_like(mean_sq), mean_sq)
     spread = gram.diagonal().sum() / n - mean_sq
     return _relative(spread * ((n - k) / (k * (n - 1))), mean_sq)
+
+
+def relative_gradient_error(approximation: list[Tensor], reference: list[Tensor]) -> Tensor:
+    """``‖approximation − reference‖ / ‖reference‖`` over parameter tensors taken as one vector.
+
+    Args:
+        approximation: gradients of the weighted subset loss, one tensor per parameter.
+        reference: gradients of the full-batch loss, in the same order and shapes.
+
+    Returns:
+        A 0-dim float64 tensor: 0 when both vanish, inf when only the reference does.
+
+    Raises:
+        ValueError: when the two lists have different lengths.
+    """
+    if len(approximation) != len(reference):
+        raise ValueError(f"got {len(approximation)} approximate and {len(reference)} reference gradients")
+    difference = torch.zeros((), dtype=torch.float64, device=reference[0].device)
+    norm = torch.zeros_like(difference)
+    for approx, ref in zip(approximation, reference, strict=True):
+        difference += (approx.double() - ref.double()).square().sum()
+        norm += ref.double().square().sum()
+    return _relative(difference, norm)

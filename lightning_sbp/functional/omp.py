@@ -8,7 +8,9 @@ approximates the signal.
 
 from __future__ import annotations
 
+import functools
 import operator
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -24,6 +26,9 @@ _ALIGN = 8
 # Elements per piece when copying a matrix: below the size at which PyTorch's CPU kernels start a
 # parallel region, whose wait for every thread of the pool costs milliseconds on a busy machine.
 _COPY_CHUNK = 16384
+# CUDA graphs kept at once, one per (N, k, dtype, nonnegative, device): the batch size and the last,
+# shorter batch of an epoch, for a selector or two.
+_CACHED_GRAPHS = 8
 
 
 def omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool = False) -> tuple[Tensor, Tensor]:
@@ -42,7 +47,11 @@ def omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool = False) ->
     residual correlation is ``r = target - W @ z``, updated by one matrix-vector product per step. The
     coefficients ``L^-T @ z`` are formed by one triangular solve after the last step. Everything stays
     on the device of ``gram``; the loop runs over the ``k`` picks, never over examples, and never
-    synchronises with the host. The cost is ``O(N k^2)`` time and ``O(N k)`` memory.
+    synchronises with the host. The cost is ``O(N k^2)`` time and ``O(N^2 + N k)`` memory: the loop
+    works on a copy of ``gram`` (padded to a multiple of 8 rows and columns) stacked with ``W``. Every
+    pick runs the same fixed sequence of about a dozen kernels on tensors of fixed shapes, so on a CUDA
+    device the whole function is captured once per ``(N, k, dtype, nonnegative)`` as a CUDA graph and
+    replayed: one launch per call instead of one per kernel.
 
     Degenerate problems (duplicated examples, all-zero gradients, atoms linearly dependent on the
     support) never stop the search early, unlike scikit-learn's:
@@ -98,11 +107,83 @@ def omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool = False) ->
     k = operator.index(k)
 
     dtype = torch.promote_types(torch.promote_types(gram.dtype, target.dtype), torch.float32)
-    # The loop is a few dozen tiny operations per pick; inference mode spares each its autograd bookkeeping.
+    # The loop is a dozen tiny operations per pick; inference mode spares each its autograd bookkeeping.
     with torch.inference_mode():
-        indices, coef = _omp_gram(gram.to(dtype), target.to(dtype), k, nonnegative)
-    # Plain tensors, not inference tensors, so that callers may use them in autograd graphs.
+        if gram.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            indices, coef = _replayed_omp(n, k, dtype, nonnegative, gram.device)(gram, target)
+        else:
+            indices, coef = _omp_gram(gram.to(dtype), target.to(dtype), k, nonnegative)
+    # Plain tensors, not inference tensors (nor a graph's static outputs), so that callers may keep them.
     return indices.clone(), coef.clone()
+
+
+def _capture_cuda_graph(run: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """Capture ``run``, which reads and writes only tensors allocated before it, as a CUDA graph.
+
+    ``run`` runs once on a side stream first, so that library handles, workspaces and allocator blocks
+    exist before the capture (which may not create them), then once under capture.
+
+    Returns:
+        The graph's ``replay``: launches every captured kernel again, on the same memory.
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
+
+
+class _ReplayedOMP:
+    """:func:`_omp_gram` for one ``(N, k, dtype, nonnegative)`` on one device, captured once and replayed.
+
+    Inputs are copied into static buffers, the captured kernels run on them, and the results land in
+    static outputs: every call reuses the same memory, so callers must copy the outputs they keep.
+
+    Args:
+        n: the number of atoms.
+        k: the number of picks.
+        dtype: the floating dtype of the computation.
+        nonnegative: the non-negative variant.
+        device: the device of the buffers.
+        capture: turns a function of the buffers into its replay; :func:`_capture_cuda_graph` by default.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        k: int,
+        dtype: torch.dtype,
+        nonnegative: bool,
+        device: torch.device,
+        capture: Callable[[Callable[[], None], torch.device], Callable[[], None]] = _capture_cuda_graph,
+    ) -> None:
+        self.k, self.nonnegative = k, nonnegative
+        # Zeros take the same path as any input: the loop has no data-dependent control flow.
+        self.gram = torch.zeros(n, n, dtype=dtype, device=device)
+        self.target = torch.zeros(n, dtype=dtype, device=device)
+        self.indices = torch.zeros(k, dtype=torch.long, device=device)
+        self.coef = torch.zeros(k, dtype=dtype, device=device)
+        self.replay = capture(self._run, device)
+
+    def _run(self) -> None:
+        indices, coef = _omp_gram(self.gram, self.target, self.k, self.nonnegative)
+        self.indices.copy_(indices)
+        self.coef.copy_(coef)
+
+    def __call__(self, gram: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        self.gram.copy_(gram)
+        self.target.copy_(target)
+        self.replay()
+        return self.indices, self.coef
+
+
+@functools.lru_cache(maxsize=_CACHED_GRAPHS)
+def _replayed_omp(n: int, k: int, dtype: torch.dtype, nonnegative: bool, device: torch.device) -> _ReplayedOMP:
+    return _ReplayedOMP(n, k, dtype, nonnegative, device)
 
 
 def _omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool) -> tuple[Tensor, Tensor]:
@@ -112,33 +193,40 @@ def _omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool) -> tuple[
     # Schur complement of a dependent atom grows with the support size and the conditioning of its
     # factor, so the square root of eps leaves a wide margin above it.
     tol = max(torch.finfo(dtype).eps ** 0.5, n * torch.finfo(dtype).eps)
-    # The loop works on columns of m coordinates: the N atoms, then the target, then zeros up to a length
-    # that keeps the rows of `w_ext` aligned for the matrix-vector products. Column j of `gram_ext` is
-    # gram[:, j] followed by target[j]; row s of `w_ext` is column s of W followed by z[s]. The product
-    # that gives the new column of W then also gives target[lam] - W[lam] @ z, the residual correlation
-    # that z[s] needs, and the scaling that stores the column stores z[s] as well.
+    # Everything a pick reads about atom j is column j of one matrix, so that one gather fetches it:
+    #   rows [0, m):       gram[:, j], then target[j], then zeros up to m (a row length that keeps the rows
+    #                      of W aligned for the matrix-vector products);
+    #   rows [m, m + k):   W[j, s] for the picks s so far (zeroed a block ahead): row m + s is column s of W,
+    #                      followed by z[s] at coordinate n;
+    #   row m + k:         the pivot floor tol * gram[j, j] of atom j.
+    # The product that gives the new column of W then also gives target[lam] - W[lam] @ z, the residual
+    # correlation that z[s] needs, and the scaling that stores the column stores z[s] as well.
     m = -(-(n + 1) // _ALIGN) * _ALIGN
-    gram_ext = torch.empty(m, n, dtype=dtype, device=device)
-    _copy_rows(gram_ext[:n], gram)
-    gram_ext[n] = target
-    gram_ext[n + 1 :] = 0.0
-    w_ext = torch.empty(k, m, dtype=dtype, device=device)
-    # Views of every row of w_ext, made in one call each rather than one per step.
+    # Rows of W are zeroed a block at a time in the loop; a single fill of the whole table would start a
+    # parallel region on the CPU (see _COPY_CHUNK).
+    table = torch.empty(m + k + 1, m, dtype=dtype, device=device)
+    _copy_rows(table[:n, :n], gram)
+    table[:n, n:] = 0.0
+    table[n:m] = 0.0
+    table[n, :n] = target
+    table[m + k] = 0.0
+    table[m + k, :n] = gram.diagonal().clamp(min=0).mul(tol)
+    w_ext = table[m : m + k]
+    # Views of every row of W (and of its z entry), made in one call each rather than one per step.
     w_views = w_ext.unsqueeze(2).unbind(0)  # [m, 1]: column s of W, z[s], zeros
     z_views = w_ext[:, n : n + 1].unsqueeze(1).unbind(0)  # [1, 1]: z[s]
 
-    # Per-atom vectors are columns [N, 1], like the columns of W. alpha_ext holds the residual
+    # Per-atom vectors are columns [m, 1], like the columns of W. alpha_ext holds the residual
     # correlations r = target - W @ z in its first N coordinates.
     alpha_ext = torch.zeros(m, 1, dtype=dtype, device=device)
     alpha_ext[:n, 0] = target
     alpha = alpha_ext[:n]
-    pivot_floor = gram.diagonal().clamp(min=0).mul(tol)
     score_floor = target.abs().amax().mul(tol).clamp(min=torch.finfo(dtype).tiny)
     # Caps the score: +inf for unselected atoms; for the atom picked at step s, s - k < 0, below any score
     # of an unselected atom (at least score_floor > 0), and a record of the order of the picks. fmin also
     # drops a NaN score to the cap.
     cap = torch.full((n, 1), torch.inf, dtype=dtype, device=device)
-    infinity = torch.tensor(torch.inf, dtype=dtype, device=device)
+    infinity = torch.full((), torch.inf, dtype=dtype, device=device)  # a fill kernel: capturable, unlike a copy
 
     for s in range(k):
         score = alpha.clamp(min=score_floor) if nonnegative else alpha.abs().clamp_(min=score_floor)
@@ -146,17 +234,18 @@ def _omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool) -> tuple[
         cap.index_fill_(0, lam, s - k)
 
         if s % _BLOCK == 0:
-            # The products below read w_ext a block of rows at a time, rows not filled yet being zero: the
+            # The product below reads W a block of rows at a time, rows not written yet being zero: the
             # views are then made once per block, for a few zero rows of extra arithmetic.
-            block = w_ext[: min(k, s + _BLOCK)]
-            block[s:].zero_()
-            block_t = block.T
+            rows = min(k, s + _BLOCK)
+            w_ext[s:rows].zero_()
+            block_t = w_ext[:rows].T
+        column = table.index_select(1, lam)  # [m + k + 1, 1]
         # New column of W: the part of gram[:, lam] that the support does not explain,
         # gram[:, lam] - W @ L[s, :s]^T with L[s, :s] = W[lam, :s] (gram is symmetric).
-        fresh = torch.addmm(gram_ext.index_select(1, lam), block_t, block.index_select(1, lam), alpha=-1)
+        fresh = torch.addmm(column[:m], block_t, column[m : m + rows], alpha=-1)
         pivot = fresh.take(lam)
         # 1 / sqrt(pivot), or 0 for an atom that adds no direction: its column of W and its z vanish.
-        inv_sqrt = torch.where(pivot > pivot_floor.take(lam), pivot, infinity).rsqrt_()
+        inv_sqrt = torch.where(pivot > column[m + k], pivot, infinity).rsqrt_()
         torch.mul(fresh, inv_sqrt, out=w_views[s])
         alpha_ext.addcmul_(w_views[s], z_views[s], value=-1)
 

@@ -39,7 +39,9 @@ class GradNormSelector(Selector):
     replacement). Every example not taken surely contributes a last-layer gradient term ``g_i / pi_i``
     of norm at most ``sum(b) / k``, however small its ``pi_i``: the estimate stays well behaved when
     some bounds are tiny. The weights sum to ``k`` in expectation (when no bound is zero), not on
-    every draw; every rank still returns an unbiased estimate of its batch's mean loss.
+    every draw; every rank still returns an unbiased estimate of its batch's mean loss. A pick of
+    zero inclusion probability, which only floating-point rounding in the draw can make, weighs
+    zero: every weight is finite and at most ``k / (N * min pi)`` over the drawable examples.
 
     ``normalize=True`` rescales them to sum to ``k`` exactly, ``w_i = k * (1 / pi_i) / sum_{j in S} (1 / pi_j)``
     (the Hajek ratio estimator): consistent, with an ``O(1/k)`` bias. Its normalising sum is
@@ -92,11 +94,26 @@ class GradNormSelector(Selector):
 
         prob = _inclusion_probabilities(score, finite, k)
         indices = _systematic_sample(prob, k, generator)
-        inverse = 1.0 / prob[indices].clamp_min(torch.finfo(prob.dtype).tiny)
-        weights = k * inverse / (inverse.sum() if self.normalize else n)
-        # Only rounding can draw an example whose probability is zero; never hand out an infinite weight.
-        weights = torch.where(torch.isfinite(weights).all(), weights, torch.ones_like(weights))
-        return Selection(indices, weights)
+        return Selection(indices, _inverse_probability_weights(prob[indices], k, n, self.normalize))
+
+
+def _inverse_probability_weights(picked: Tensor, k: int, n: int, normalize: bool) -> Tensor:
+    """Weights ``k / (N * pi_i)`` of the picks (Horvitz-Thompson), or rescaled to sum to ``k`` (Hajek).
+
+    Only rounding in the systematic draw can pick an example whose inclusion probability is zero
+    (or subnormal, which no draw reaches either): such a pick weighs zero, so every weight is finite
+    and at most ``k / (N * min pi)`` over the examples the design can draw.
+
+    Args:
+        picked: the inclusion probabilities of the picks, shape ``[k]``.
+        k: the number of picks.
+        n: the number of examples in the batch.
+        normalize: rescale the weights to sum to ``k`` instead.
+    """
+    drawable = picked >= torch.finfo(picked.dtype).tiny
+    inverse = torch.where(drawable, 1.0 / torch.where(drawable, picked, 1.0), 0.0)
+    total = inverse.sum().clamp_min(torch.finfo(inverse.dtype).tiny) if normalize else n
+    return k * inverse / total
 
 
 def _capped_proportional(score: Tensor, budget: Tensor, k: int) -> Tensor:
@@ -120,7 +137,8 @@ def _capped_proportional(score: Tensor, budget: Tensor, k: int) -> Tensor:
     feasible = (taken >= budget) | (scale * next_score <= 1.0)
     sure = torch.argmax(feasible.to(torch.int8))
     rank = torch.arange(n, device=score.device)
-    ranked = torch.where(rank < sure, torch.ones_like(sorted_score), scale[sure] * sorted_score)
+    # gather, not scale[sure]: indexing by a 0-dim tensor reads the index back on the host.
+    ranked = torch.where(rank < sure, torch.ones_like(sorted_score), scale.gather(0, sure.view(1)) * sorted_score)
     prob = torch.empty_like(score)
     prob[order] = ranked.clamp(0.0, 1.0)
     return prob
