@@ -9,7 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 
-from lightning_sbp.cli import main as cli_main
+from lightning_sbp.entry import main as cli_main
 from lightning_sbp.compare import FULL, SMALL_BATCH, Grid, GridError, expand
 from lightning_sbp.compare.report import format_mean_std
 from lightning_sbp.compare.runner import RunRecorder
