@@ -13,9 +13,8 @@ Run it as ``lightning-sbp ...`` or ``python -m lightning_sbp ...``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["SUBCOMMANDS", "main"]
 
@@ -60,15 +59,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_module(name: str, argv: list[str]) -> int:
-    module_name = _MODULES[name]
     try:
-        module = importlib.import_module(module_name)
+        run = _load(name)
     except ModuleNotFoundError as err:
-        if err.name != module_name:
+        if err.name != _MODULES[name]:
             raise
-        sys.stderr.write(f"error: `lightning-sbp {name}` is not available in this installation (no {module_name})\n")
+        sys.stderr.write(f"error: `lightning-sbp {name}` is not available in this installation (no {err.name})\n")
         raise SystemExit(2) from None
-    return int(module.main(argv) or 0)
+    return int(run(argv) or 0)
+
+
+def _load(name: str) -> Callable[[list[str]], int | None]:
+    """The ``main`` of the module behind the subcommand ``name``, imported only now."""
+    if name == "compare":
+        from lightning_sbp.compare.command import main as compare
+
+        return compare
+    from lightning_sbp.profile import main as profile
+
+    return profile
 
 
 def _parser() -> argparse.ArgumentParser:
