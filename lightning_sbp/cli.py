@@ -129,7 +129,7 @@ def unknown_argument_summary(message: str) -> str | None:
         message: the error message of jsonargparse.
 
     Returns:
-        ``"<where> (<class path>): unknown argument '<key>'; did you mean '<closest>'? accepted: ..."``,
+        ``"<where> (<class path>): unknown argument '<key>'; did you mean '<closest>'? accepted arguments: ..."``,
         or ``None`` when the message is about something else or the class cannot be imported.
     """
     unknown = _UNKNOWN_KEY.search(message)
@@ -151,9 +151,8 @@ def unknown_argument_summary(message: str) -> str | None:
     where = _PARSER_KEY.search(message)
     text = f"{where['key'] + ' ' if where else ''}({class_path}): unknown argument {key!r}"
     closest = difflib.get_close_matches(key, accepted, n=1)
-    if closest:
-        text += f"; did you mean {closest[0]!r}?"
-    return f"{text} accepted arguments: {', '.join(accepted)}"
+    hint = f"; did you mean {closest[0]!r}?" if closest else ";"
+    return f"{text}{hint} accepted arguments: {', '.join(accepted)}"
 
 
 class SelectiveBackpropCLI(LightningCLI):

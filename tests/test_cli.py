@@ -353,3 +353,24 @@ def test_is_selective_backprop() -> None:
     assert cli.is_selective_backprop("somewhere.not.installed.SelectiveBackprop")
     assert not cli.is_selective_backprop("lightning.pytorch.callbacks.ModelCheckpoint")
     assert not cli.is_selective_backprop("somewhere.not.installed.Callback")
+
+
+@pytest.mark.parametrize(
+    "unknown",
+    [
+        "Option 'kepp' is not accepted",  # jsonargparse 4.3x and later
+        "'Configuration check failed :: No action for key \"kepp\" to check its value.'",  # 4.27
+    ],
+)
+def test_unknown_argument_summary_reads_either_jsonargparse_wording(unknown: str) -> None:
+    where = "Parser key \"trainer.callbacks\":\n  - Problem with given class_path 'lightning_sbp.SelectiveBackprop':"
+    message = f"{where}\n    {unknown}"
+    summary = cli.unknown_argument_summary(message)
+    assert summary is not None
+    assert summary.startswith("trainer.callbacks (lightning_sbp.SelectiveBackprop): unknown argument 'kepp'; ")
+    assert "did you mean 'keep'?" in summary
+    assert str(cli.unknown_argument_summary(message.replace("kepp", "zzzzzz"))).endswith(
+        "unknown argument 'zzzzzz'; accepted arguments: " + ", ".join(inspect.signature(SelectiveBackprop).parameters)
+    )
+    assert cli.unknown_argument_summary(message.replace("lightning_sbp.SelectiveBackprop", "not.a.Class")) is None
+    assert cli.unknown_argument_summary('Parser key "trainer.max_epochs": Expected an int') is None
