@@ -28,7 +28,7 @@ import sys
 from typing import Any, NoReturn
 
 import lightning.pytorch as pl
-from jsonargparse import ArgumentParser, DefaultHelpFormatter, Namespace
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -177,7 +177,6 @@ class SelectiveBackpropCLI(LightningCLI):
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"description": _DESCRIPTION, "prog": "lightning-sbp"})
-        kwargs.setdefault("parser_class", SelectiveBackpropParser)
         kwargs.setdefault("save_config_callback", _SaveConfigToLogDir)
         super().__init__(
             model_class=None,
@@ -188,6 +187,13 @@ class SelectiveBackpropCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Lightning's parser, built as a :class:`SelectiveBackpropParser` (Lightning 2.3 has no ``parser_class``)."""
+        kwargs.setdefault("dump_header", [f"lightning.pytorch=={pl.__version__}"])
+        parser = SelectiveBackpropParser(**kwargs)
+        parser.add_argument("-c", "--config", action=ActionConfigFile, help="Path to a configuration file.")
+        return parser
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
