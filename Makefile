@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint docs clean
+.PHONY: setup demo test test-floor bench lint docs clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,22 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The core tests against the dependency floors of pyproject.toml, in a venv of their own. Lightning 2.3
+# imports pkg_resources, which setuptools 81 removed. torch is the newest this machine's pip serves.
+FLOOR_VENV := .venv-floor
+FLOOR_STAMP := $(FLOOR_VENV)/.installed
+FLOOR_PINS := lightning==2.3.0 torchmetrics==1.0.0 'jsonargparse[signatures]==4.27.7' 'setuptools<81'
+FLOOR_TESTS := tests/test_callback.py tests/test_selectors.py tests/test_functional_*.py tests/test_metrics.py \
+	tests/test_schedule.py tests/test_imports.py
+
+$(FLOOR_STAMP): pyproject.toml
+	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/pip install --quiet --no-compile -e . $(FLOOR_PINS) pytest scikit-learn scipy tensorboard
+	touch $(FLOOR_STAMP)
+
+test-floor: $(FLOOR_STAMP)
+	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider $(FLOOR_TESTS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py
@@ -33,4 +49,4 @@ docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) site runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(FLOOR_VENV) site runs .pytest_cache .mypy_cache .ruff_cache

@@ -2,18 +2,26 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib.util
+import inspect
+import math
+import re
+import runpy
 import sys
 import types
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 import yaml
 
-from lightning_sbp.cli import main
+from lightning_sbp import SelectiveBackprop, cli, entry
+from lightning_sbp.entry import main
 from lightning_sbp.recipes import DigitsDataModule, ImageClassifier
 
-CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "examples" / "configs"
 BASES = sorted(CONFIGS.glob("*.yaml"))
 SNIPPETS = sorted((CONFIGS / "sbp").glob("*.yaml"))
 SELECTORS = ["random", "loss", "topk", "omp", "gradnorm"]
@@ -178,37 +186,191 @@ def test_a_missing_dataset_is_a_clean_error(
     assert str(tmp_path / "nothing" / "cifar-10-batches-py") in error and "download: true" in error
 
 
-def test_only_fit_validate_and_test(capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "fit" in out and "validate" in out and "test" in out and "compare" in out
-    assert run(["predict", "--help"]) == 2
+    assert "{fit,validate,test,compare,profile}" in out.splitlines()[0]
+    listed = [match[1] for match in re.finditer(r"^ {4}(\w+) ", out, re.MULTILINE)]
+    assert listed == ["fit", "validate", "test", "compare", "profile"]
+    assert set(entry.SUBCOMMANDS) == {*cli.COMMANDS, "compare", "profile"}
 
 
-def test_compare_is_dispatched_to_its_module(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("args", [[], ["predict"], ["predict", "--help"]])
+def test_a_missing_or_unknown_subcommand_is_a_clean_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("lightning-sbp: error:") and "fit" in error and "profile" in error
+
+
+def test_the_console_script_and_python_m_run_the_dispatcher(capsys: pytest.CaptureFixture[str]) -> None:
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"lightning-sbp": "lightning_sbp.entry:main"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["python -m lightning_sbp", "--help"])
+        with pytest.raises(SystemExit) as stop:
+            runpy.run_module("lightning_sbp", run_name="__main__", alter_sys=True)
+    assert stop.value.code == 0
+    assert "compare" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("name", "module_name"), [("compare", "lightning_sbp.compare.command"), ("profile", "lightning_sbp.profile")]
+)
+def test_compare_and_profile_are_dispatched_to_their_modules(
+    name: str, module_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     received: list[list[str]] = []
 
-    def compare_main(args: list[str]) -> int:
-        received.append(args)
-        return 0
+    def module_main(argv: list[str]) -> int:
+        received.append(argv)
+        return 3
 
-    module: Any = types.ModuleType("lightning_sbp.compare")
-    module.main = compare_main
-    monkeypatch.setitem(sys.modules, "lightning_sbp.compare", module)
-    monkeypatch.setattr(sys, "argv", ["lightning-sbp", "compare", "--config", "base.yaml"])
-    assert main() == 0
+    module: Any = types.ModuleType(f"lightning_sbp.{name}")
+    module.main = module_main
+    monkeypatch.setitem(
+        sys.modules, {"compare": "lightning_sbp.compare.command", "profile": "lightning_sbp.profile"}[name], module
+    )
+    monkeypatch.setattr(sys, "argv", ["lightning-sbp", name, "--config", "base.yaml"])
+    assert main() == 3
     assert received == [["--config", "base.yaml"]]
 
 
-def test_compare_without_its_module_is_a_clear_error(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("module", ["lightning_sbp.compare.command", "lightning_sbp.profile"])
+def test_a_subcommand_without_its_module_is_a_one_line_error(
+    module: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(sys.modules, "lightning_sbp.compare", None)
-    assert run(["compare"]) == 2
-    assert "compare` is not available" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, module, None)
+    name = module.split(".")[1]
+    assert run([name]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: `lightning-sbp {name}` is not available in this installation (no {module})"
+    ]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lightning_sbp.profile") is None, reason="no lightning_sbp.profile")
+def test_profile_help_comes_from_its_module(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["profile", "--help"]) == 0
+    assert "--keep" in capsys.readouterr().out
 
 
 def test_test_subcommand_runs_on_the_digits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    args = ["test", "--config", str(CONFIGS / "digits_omp.yaml"), "--trainer.logger=false"]
-    assert run([*args, "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false"]) == 0
+    args = [
+        "test",
+        "--config",
+        str(CONFIGS / "digits_omp.yaml"),
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={tmp_path}",
+        "--trainer.logger.name=digits",
+        "--trainer.limit_test_batches=2",
+        "--trainer.enable_progress_bar=false",
+    ]
+    assert run(args) == 0
+    (row,) = csv.DictReader((tmp_path / "digits" / "version_0" / "metrics.csv").open())
+    assert 0.0 <= float(row["test/acc"]) <= 1.0 and math.isfinite(float(row["test/loss"]))
+    assert not any(key.startswith(("train", "val", "sbp")) and value for key, value in row.items())
+
+
+def test_fit_without_a_logger_writes_no_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(CONFIGS / "digits_full.yaml"), "--trainer.logger=false", "--trainer.max_epochs=1"]
+    quick = ["--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--trainer.enable_checkpointing=false"]
+    assert run([*args, *quick, "--trainer.enable_progress_bar=false"]) == 0
+    assert not list(tmp_path.rglob("config.yaml"))
+
+
+def test_a_misspelled_callback_argument_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_sbp.SelectiveBackprop\n"
+        "      init_args:\n        selector: random\n        kepp: 0.3\n"
+    )
+    monkeypatch.setattr(DigitsDataModule, "setup", lambda *args: pytest.fail("read data despite the typo"))
+    assert run(["fit", "--config", str(CONFIGS / "digits_full.yaml"), "--config", str(typo)]) == 2
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith("error: trainer.callbacks (lightning_sbp.SelectiveBackprop): unknown argument 'kepp'")
+    assert "did you mean 'keep'?" in error
+    accepted = error.split("accepted arguments: ")[1].split(", ")
+    assert accepted == list(inspect.signature(SelectiveBackprop).parameters)
+
+
+def test_a_misspelled_selector_argument_names_the_selector(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_sbp.SelectiveBackprop\n      init_args:\n"
+        "        selector:\n          class_path: lightning_sbp.selectors.LossSelector\n"
+        "          init_args: {betta: 2.0}\n"
+    )
+    assert run(["fit", "--config", str(CONFIGS / "digits_full.yaml"), "--config", str(typo), "--print_config"]) == 2
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert "(lightning_sbp.selectors.LossSelector): unknown argument 'betta'; did you mean 'beta'?" in error
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["fit", "--help"],
+        ["fit", "--trainer.callbacks.help", "lightning_sbp.SelectiveBackprop"],
+        ["fit", "--model.help", "lightning_sbp.recipes.ImageClassifier"],
+    ],
+    ids=["fit", "callback", "model"],
+)
+def test_help_texts_carry_no_sphinx_markup(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("--") > 10
+    for markup in ("``", ":class:", ":func:", ":meth:", ":mod:", "`"):
+        assert markup not in out, f"{markup!r} in the help of {' '.join(args)}"
+
+
+def test_the_callback_help_keeps_what_the_markup_named(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["fit", "--trainer.callbacks.help", "lightning_sbp.SelectiveBackprop"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "or a Selector" in out  # from :class:`~lightning_sbp.selectors.Selector`
+    assert "0 < keep <= 1" in out  # from ``0 < keep <= 1``
+
+
+@pytest.mark.parametrize(
+    ("text", "plain"),
+    [
+        (":class:`~lightning_sbp.selectors.Selector`", "Selector"),
+        (":func:`lightning_sbp.selectors.available_selectors`", "lightning_sbp.selectors.available_selectors"),
+        (":py:meth:`the hook <lightning_sbp.SelectiveBackprop.example_indices>`", "the hook"),
+        ('``0 < keep <=\n1`` or ``"auto"``', '0 < keep <=\n1 or "auto"'),
+        ("see `the guide <https://example.org/guide>`_ and `N`", "see the guide (https://example.org/guide) and N"),
+        ("no markup: a < b, c:d", "no markup: a < b, c:d"),
+    ],
+)
+def test_plain_text(text: str, plain: str) -> None:
+    assert cli.plain_text(text) == plain
+
+
+def test_is_selective_backprop() -> None:
+    assert cli.is_selective_backprop("lightning_sbp.SelectiveBackprop")
+    assert cli.is_selective_backprop("lightning_sbp.callback.SelectiveBackprop")
+    assert cli.is_selective_backprop("somewhere.not.installed.SelectiveBackprop")
+    assert not cli.is_selective_backprop("lightning.pytorch.callbacks.ModelCheckpoint")
+    assert not cli.is_selective_backprop("somewhere.not.installed.Callback")
+
+
+@pytest.mark.parametrize(
+    "unknown",
+    [
+        "Option 'kepp' is not accepted",  # jsonargparse 4.3x and later
+        "'Configuration check failed :: No action for key \"kepp\" to check its value.'",  # 4.27
+    ],
+)
+def test_unknown_argument_summary_reads_either_jsonargparse_wording(unknown: str) -> None:
+    where = "Parser key \"trainer.callbacks\":\n  - Problem with given class_path 'lightning_sbp.SelectiveBackprop':"
+    message = f"{where}\n    {unknown}"
+    summary = cli.unknown_argument_summary(message)
+    assert summary is not None
+    assert summary.startswith("trainer.callbacks (lightning_sbp.SelectiveBackprop): unknown argument 'kepp'; ")
+    assert "did you mean 'keep'?" in summary
+    assert str(cli.unknown_argument_summary(message.replace("kepp", "zzzzzz"))).endswith(
+        "unknown argument 'zzzzzz'; accepted arguments: " + ", ".join(inspect.signature(SelectiveBackprop).parameters)
+    )
+    assert cli.unknown_argument_summary(message.replace("lightning_sbp.SelectiveBackprop", "not.a.Class")) is None
+    assert cli.unknown_argument_summary('Parser key "trainer.max_epochs": Expected an int') is None

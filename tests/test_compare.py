@@ -9,10 +9,10 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 
-from lightning_sbp.cli import main as cli_main
 from lightning_sbp.compare import FULL, SMALL_BATCH, Grid, GridError, expand
 from lightning_sbp.compare.report import format_mean_std
 from lightning_sbp.compare.runner import RunRecorder
+from lightning_sbp.entry import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "examples" / "configs" / "digits_full.yaml"

@@ -64,6 +64,12 @@ def test_site_builds_strictly(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout}\n{result.stderr}"
     assert (tmp_path / "site" / "api" / "index.html").is_file()
+    # Math renders with the site's own MathJax; no page loads a script from elsewhere.
+    assert (tmp_path / "site" / "assets" / "mathjax" / "tex-svg.js").stat().st_size > 100_000
+    metrics = (tmp_path / "site" / "metrics" / "index.html").read_text()
+    assert '<script src="../assets/mathjax/tex-svg.js"' in metrics and 'class="arithmatex"' in metrics
+    for page in (tmp_path / "site").rglob("*.html"):
+        assert not re.search(r"<script[^>]+src=\"(https?:)?//", page.read_text()), f"{page} loads a remote script"
 
 
 @pytest.mark.parametrize("page", RUNNABLE, ids=[page.relative_to(DOCS).as_posix() for page in RUNNABLE])

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib
 import json
 import logging
 import math
@@ -52,7 +51,7 @@ from lightning.pytorch.callbacks import Callback
 
 import lightning_sbp
 from lightning_sbp.callback import SelectiveBackprop
-from lightning_sbp.cli import SelectiveBackpropCLI
+from lightning_sbp.cli import SelectiveBackpropCLI, is_selective_backprop
 from lightning_sbp.compare.grid import FULL, SMALL_BATCH, Grid, GridError, Run, override_args
 from lightning_sbp.functional.batch import batch_size
 
@@ -131,7 +130,7 @@ def inspect_base(grid: Grid) -> BaseInfo:
     config = cli.config
     for position, entry in enumerate(_as_list(config.get("trainer.callbacks"))):
         class_path = entry.get("class_path") if isinstance(entry, Namespace) else None
-        if isinstance(class_path, str) and _is_selective_backprop(class_path):
+        if isinstance(class_path, str) and is_selective_backprop(class_path):
             raise GridError(
                 f"base configuration {str(grid.base)!r} already has a SelectiveBackprop callback "
                 f"(trainer.callbacks[{position}]); the comparison adds one per method: use a base without it, "
@@ -732,15 +731,6 @@ def one_line(record: dict[str, Any]) -> str:
         f"{record['run_id']}: {record['metric']} {record['final']:.4f} (best {record['best']:.4f}), "
         f"{record['train_seconds']:.1f} s training, {record['examples_backpropagated']} examples backpropagated"
     )
-
-
-def _is_selective_backprop(class_path: str) -> bool:
-    module_name, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError):
-        return name == "SelectiveBackprop"
-    return isinstance(cls, type) and issubclass(cls, SelectiveBackprop)
 
 
 def _as_list(value: Any) -> list[Any]:
