@@ -36,6 +36,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 import lightning_sbp.recipes  # noqa: F401  (makes the recipe classes known to jsonargparse by their short names)
 from lightning_sbp.callback import SelectiveBackprop
 from lightning_sbp.recipes.data import DatasetNotFoundError
+from lightning_sbp.scoring import ScoringError
 
 __all__ = [
     "COMMANDS",
@@ -284,11 +285,12 @@ def main(args: list[str] | None = None) -> int:
         0 once the subcommand has run.
 
     Raises:
-        SystemExit: with status 2 for configuration errors and 1 for missing datasets.
+        SystemExit: with status 2 for configuration errors, and 1 for missing datasets and for a
+            module whose batches the default scoring pass cannot read (the message names the fix).
     """
     try:
         SelectiveBackpropCLI(args=args)
-    except DatasetNotFoundError as err:
+    except (DatasetNotFoundError, ScoringError) as err:
         sys.stderr.write(f"error: {err}\n")
         raise SystemExit(1) from None
     return 0

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import tomllib
 import yaml
+from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
+from torch.utils.data import DataLoader
 
 from lightning_sbp import SelectiveBackprop, cli, entry
 from lightning_sbp.entry import main
@@ -184,6 +186,34 @@ def test_a_missing_dataset_is_a_clean_error(
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: CIFAR-10")
     assert str(tmp_path / "nothing" / "cifar-10-batches-py") in error and "download: true" in error
+
+
+class UnlabelledBatches(BoringModel):
+    """Lightning's BoringModel (batches without targets) on batches of 8, which selection can split."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(RandomDataset(32, 32), batch_size=8)
+
+
+def test_a_module_the_scoring_pass_cannot_read_is_one_error_naming_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "fit",
+        f"--model={__name__}.UnlabelledBatches",
+        "--trainer.max_steps=2",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks=lightning_sbp.SelectiveBackprop",
+        "--trainer.callbacks.selector=topk",
+    ]
+    assert run(args) == 1
+    err = capsys.readouterr().err
+    error = err.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "UnlabelledBatches" in error and "score_fn" in error
+    assert "Traceback" not in err
 
 
 def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
