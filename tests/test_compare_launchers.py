@@ -18,7 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 
-from lightning_sbp.cli import main as cli_main
+from lightning_sbp.entry import main as cli_main
 from lightning_sbp.compare.command import build_parser, grid_from_args
 from lightning_sbp.compare.grid import GridError, Run, base_fingerprint, expand
 from lightning_sbp.compare.launchers import RayLauncher, cell_resources
@@ -215,7 +215,7 @@ def test_cells_in_parallel_processes_then_report_give_the_summary_of_a_whole_run
     assert [line.split()[0] for line in lines] == ["0", "1"] and all(line.endswith("pending") for line in lines)
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "lightning_sbp.cli", "compare", *GRID, "--output", str(output)]
+    command = [sys.executable, "-m", "lightning_sbp", "compare", *GRID, "--output", str(output)]
     cells = [subprocess.Popen([*command, "--cell", str(index)], env=env, cwd=tmp_path) for index in (0, 1)]
     assert [cell.wait(timeout=600) for cell in cells] == [0, 0]
 

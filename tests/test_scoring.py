@@ -123,7 +123,7 @@ def test_last_layer_capture_errors_name_the_layer_and_the_fix() -> None:
         capture.take(torch.zeros(2, 3))
     with capture.armed():
         layer(torch.zeros(2, 4))
-    with pytest.raises(RuntimeError, match=r"output of 'head' has shape \(2, 3\).*logits of shape \(2, 5\)"):
+    with pytest.raises(RuntimeError, match=r"output of 'head' has shape \(2, 3\).*the logits have shape \(2, 5\)"):
         capture.take(torch.zeros(2, 5))
     assert capture.take(torch.zeros(2, 3)).shape == (2, 4)
     assert not layer._forward_hooks, "the hook is removed when disarmed"
