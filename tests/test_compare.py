@@ -245,7 +245,7 @@ def test_expansion_interleaves_methods_and_gives_stable_distinct_ids() -> None:
     assert small.batch_size == 16 and "--data.init_args.batch_size=16" in small.args
     omp = next(run for run in runs if run.method == "omp")
     callback = json.loads(next(arg for arg in omp.args if arg.startswith("--trainer.callbacks+=")).split("=", 1)[1])
-    assert callback["init_args"] == {"selector": "omp", "keep": 0.25, "seed": 1}
+    assert callback["init_args"] == {"selector": "omp", "keep": 0.25, "seed": 1, "grad_error_every": 1}
 
 
 def test_learning_rate_grids_per_method_or_shared() -> None:

@@ -424,7 +424,8 @@ def _make_run(
         if options:
             cls = type(get_selector(name, **options))
             selector = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": options}
-        init_args = {"selector": selector, "keep": keep, "seed": seed}
+        # A comparison reads the gradient errors epoch by epoch: every selective step measures them.
+        init_args = {"selector": selector, "keep": keep, "seed": seed, "grad_error_every": 1}
         callback = {"class_path": "lightning_sbp.SelectiveBackprop", "init_args": init_args}
         args.append(f"--trainer.callbacks+={json.dumps(callback)}")
     parts = [method.replace(":", "-").replace("=", "-").replace(",", "-")]
