@@ -35,7 +35,7 @@ from lightning_sbp.scoring import (
     has_batch_norm,
 )
 from lightning_sbp.selectors import Scores, Selection, Selector, available_selectors, get_selector
-from lightning_sbp.selectors.seeds import step_generator
+from lightning_sbp.selectors.seeds import mix_seed, step_generator
 from lightning_sbp.tracking import GradientErrorTracker, StepLog, subset_and_full_gradients
 
 __all__ = ["SelectiveBackprop"]
@@ -76,6 +76,9 @@ class SelectiveBackprop(BatchAdapter, Callback):
             after it. Only those steps pay the full-cost re-score that a cheaper scoring pass needs
             for them, so tracking stays within a few percent of a step (see the benchmarks); ``1``
             measures every selective step.
+        grad_error_sketch_dim: measure the gradient errors on a TensorSketch of this dimension of the
+            last-layer gradients whenever that is cheaper than the exact Gram matrix (language-model heads
+            with large vocabularies); ``None`` always measures exactly.
         exact_grad_error_every: every this many selective steps, also log ``sbp/grad_error_exact_*``,
             the same error over all trainable parameters from two extra backward passes; ``0`` never.
         score_precision: ``"same"`` scores under the trainer's precision; ``"bf16"`` or ``"16"``
@@ -130,6 +133,7 @@ class SelectiveBackprop(BatchAdapter, Callback):
         stale_epochs: int = 0,
         score_fn: ScoreFn | None = None,
         grad_error_every: int = 64,
+        grad_error_sketch_dim: int | None = None,
         score_cache_dtype: StorageDtype = "float32",
         score_cache_placement: Placement = "device",
         checkpoint_score_cache: bool = False,
@@ -176,6 +180,14 @@ class SelectiveBackprop(BatchAdapter, Callback):
             raise ValueError(f"stale_epochs must be 0 (never) or a positive integer, got {stale_epochs!r}")
         if isinstance(grad_error_every, bool) or not isinstance(grad_error_every, int) or grad_error_every < 1:
             raise ValueError(f"grad_error_every must be a positive integer (1: every step), got {grad_error_every!r}")
+        if grad_error_sketch_dim is not None and (
+            isinstance(grad_error_sketch_dim, bool)
+            or not isinstance(grad_error_sketch_dim, int)
+            or grad_error_sketch_dim < 1
+        ):
+            raise ValueError(
+                f"grad_error_sketch_dim must be None (exact) or a positive integer, got {grad_error_sketch_dim!r}"
+            )
         if score_cache_dtype not in STORAGE_DTYPES:
             raise ValueError(
                 f"score_cache_dtype must be one of {', '.join(map(repr, STORAGE_DTYPES))}; got {score_cache_dtype!r}"
@@ -192,6 +204,7 @@ class SelectiveBackprop(BatchAdapter, Callback):
         self.exact_grad_error_every = exact_grad_error_every
         self.stale_epochs = stale_epochs
         self.grad_error_every = grad_error_every
+        self.grad_error_sketch_dim = grad_error_sketch_dim
         self.score_cache_dtype = score_cache_dtype
         self.score_cache_placement = score_cache_placement
         self.checkpoint_score_cache = checkpoint_score_cache
@@ -246,7 +259,7 @@ class SelectiveBackprop(BatchAdapter, Callback):
             )
         self.scorer.setup(trainer, pl_module, self.selector.needs_last_layer, self.track_grad_error)
         track = self.track_grad_error and self.scorer.capture is not None
-        self._tracker = GradientErrorTracker() if track else None
+        self._tracker = GradientErrorTracker(self.grad_error_sketch_dim) if track else None
         # Random selection with tracking off reads no score: its steps skip the scoring pass.
         self._scoring = self.selector.needs_scores or self._tracker is not None
         self._min_k = 2 if has_batch_norm(pl_module) else 1
@@ -439,7 +452,8 @@ class SelectiveBackprop(BatchAdapter, Callback):
             exact = functools.partial(
                 subset_and_full_gradients, pl_module, forward, loss_fn, batch, subset, selection.weights
             )
-        return self._tracker.measure(pl_module, true_scores, selection, exact)
+        seed = mix_seed(self.seed, pl_module.global_rank, pl_module.global_step)
+        return self._tracker.measure(pl_module, true_scores, selection, exact, seed)
 
     def _subset_step(
         self,

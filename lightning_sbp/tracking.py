@@ -157,10 +157,17 @@ class GradientErrorTracker(torch.nn.Module):
     """The gradient-error metrics of one fit, updated on every selective step and logged per epoch.
 
     A module, so that the metrics move to the training device together.
+
+    Args:
+        sketch_dim: measure on a TensorSketch of this dimension of the last-layer gradients whenever it is
+            cheaper than the exact Gram matrix (heads with large vocabularies, see
+            :func:`~lightning_sbp.functional.gradient_gram`), drawn independently of any sketch the
+            selector used; ``None`` measures exactly.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, sketch_dim: int | None = None) -> None:
         super().__init__()
+        self.sketch_dim = sketch_dim
         self.grad_error = GradientApproximationError()
         self.grad_error_random = RandomSubsetGradientError()
         self.grad_error_ratio = GradientErrorRatio()
@@ -172,6 +179,7 @@ class GradientErrorTracker(torch.nn.Module):
         scores: Scores,
         selection: Selection,
         exact: Callable[[], tuple[list[Tensor], list[Tensor]]] | None = None,
+        seed: int = 0,
     ) -> dict[str, Tensor]:
         """Update the metrics with one batch and log their epoch values.
 
@@ -180,6 +188,7 @@ class GradientErrorTracker(torch.nn.Module):
             scores: the full batch's scores with its last layer, as the trainer would compute them.
             selection: the subset trained on.
             exact: when given, computes the subset and full-batch gradients over all parameters.
+            seed: seeds the sketch, when there is one.
 
         Returns:
             This batch's values under ``sbp/<name>_step``, to log with the step's other values.
@@ -189,8 +198,9 @@ class GradientErrorTracker(torch.nn.Module):
         # k = N happens only under DDP, on a rank whose batch is too small to select from: a whole batch matches
         # itself, and its 0/0 ratio would poison the epoch mean.
         if k < scores.size:
-            error = self.grad_error(scores.gram, selection.indices, selection.weights)
-            random_error = self.grad_error_random(scores.gram, k)
+            gram = self.gram(scores, seed)
+            error = self.grad_error(gram, selection.indices, selection.weights)
+            random_error = self.grad_error_random(gram, k)
             values["grad_error"] = error
             values["grad_error_random"] = random_error
             values["grad_error_ratio"] = self.grad_error_ratio(error, random_error)
@@ -201,3 +211,7 @@ class GradientErrorTracker(torch.nn.Module):
             metric = getattr(self, name)
             pl_module.log(f"sbp/{name}_epoch", metric, on_step=False, on_epoch=True, metric_attribute=f"sbp_{name}")
         return {f"sbp/{name}_step": value for name, value in values.items()}
+
+    def gram(self, scores: Scores, seed: int = 0) -> Tensor:
+        """The float32 Gram matrix the errors are measured on: exact, or sketched with ``sketch_dim``."""
+        return scores.gram_in(torch.float32, self.sketch_dim, seed)

@@ -18,7 +18,6 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 
-from lightning_sbp.entry import main as cli_main
 from lightning_sbp.compare.command import build_parser, grid_from_args
 from lightning_sbp.compare.grid import GridError, Run, base_fingerprint, expand
 from lightning_sbp.compare.launchers import RayLauncher, cell_resources
@@ -31,6 +30,7 @@ from lightning_sbp.compare.runner import (
     prepare_output,
     run_grid,
 )
+from lightning_sbp.entry import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "examples" / "configs" / "digits_full.yaml"

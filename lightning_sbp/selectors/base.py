@@ -57,7 +57,7 @@ class Scores:
     logit_grads: Tensor | None = None
     features: Tensor | None = None
     bias: bool = True
-    _grams: dict[tuple[torch.dtype, int | None], Tensor] = field(
+    _grams: dict[tuple[torch.dtype, int | None, int | torch.Generator | None], Tensor] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -86,7 +86,8 @@ class Scores:
         Raises:
             RuntimeError: if the scoring pass did not capture the last layer.
         """
-        key = (dtype, sketch_dim)
+        # Sketches drawn from different seeds are different estimates: a selector's and the tracker's stay apart.
+        key = (dtype, sketch_dim, None if sketch_dim is None else seed)
         if key not in self._grams:
             features, logit_grads = self.require_last_layer("the last-layer Gram matrix")
             valid = (
