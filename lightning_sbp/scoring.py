@@ -37,7 +37,6 @@ __all__ = [
     "frozen_running_stats",
     "has_batch_norm",
     "scoring_mode",
-    "sequence_grams_supported",
     "untouched_rng",
 ]
 
@@ -398,8 +397,6 @@ class Scorer:
             torch.clear_autocast_cache()
         if self.score_fn is not None:
             return given
-        if capture is not None and capture.features is not None and capture.features.dim() > 2:
-            capture = self._sequence_features(capture)
         if capture is None:
             return Scores(losses=losses, logits=logits.detach())
         features = capture.take(logits)
@@ -425,34 +422,6 @@ class Scorer:
             raise ScoringError(_cannot_score(pl_module, batch, self.loss_fn, error)) from None
         self._scored_once = True
         return logits, targets, losses
-
-    def _sequence_features(self, capture: LastLayerCapture) -> LastLayerCapture | None:
-        """The capture, if per-position features ``[N, T, D]`` can be served; else tracking off, or a clear error."""
-        if sequence_grams_supported():
-            return capture
-        shape = tuple(capture.features.shape) if capture.features is not None else ()
-        reason = (
-            f"the final linear layer {capture.name!r} gets per-position inputs of shape {shape} (a sequence model), "
-            "and last-layer gradients are formed from [N, D] inputs only"
-        )
-        if self._needs_last_layer:
-            raise ValueError(
-                f"{reason}: use a selector that reads losses only (random, topk, loss), or inherit "
-                "lightning_sbp.SelectiveBackpropMixin and override sbp_forward to return pooled [N, C] logits"
-            )
-        rank_zero_warn(f"SelectiveBackprop does not track gradient errors: {reason}")
-        self.capture = None
-        return None
-
-
-@functools.cache
-def sequence_grams_supported() -> bool:
-    """Whether the Gram matrix of last-layer gradients accepts per-position features ``[N, T, D]``."""
-    probe = Scores(losses=torch.zeros(1), features=torch.ones(1, 2, 3), logit_grads=torch.ones(1, 2, 4))
-    try:
-        return tuple(probe.gram.shape) == (1, 1)
-    except (ValueError, RuntimeError, IndexError):
-        return False
 
 
 def _scores_by_default(pl_module: pl.LightningModule, score_fn: ScoreFn | None) -> bool:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
 from lightning_sbp import Scores, Selection, SelectiveBackprop, Selector
-from lightning_sbp.scoring import ScoringError, sequence_grams_supported
+from lightning_sbp.scoring import ScoringError
 
 
 class Sizes(pl.Callback):
@@ -144,11 +144,8 @@ def test_gpt2_language_model_scores_token_level_logits() -> None:
         warnings.simplefilter("always")
         fit(model, TokenDicts(per_token=True), 8, sbp)
     assert model.seen == [4, 4]
-    tracking_off = [w for w in record if "does not track gradient errors" in str(w.message)]
-    if sequence_grams_supported():
-        assert not tracking_off
-    else:
-        assert len(tracking_off) == 1 and "per-position inputs" in str(tracking_off[0].message)
+    assert not [w for w in record if "does not track gradient errors" in str(w.message)]
+    assert model.trainer.callback_metrics["sbp/grad_error_ratio_epoch"].isfinite()
 
 
 class LargestGrad(Selector):
@@ -161,18 +158,14 @@ class LargestGrad(Selector):
         return Selection.uniform(grads.flatten(1).norm(dim=1).topk(k).indices)
 
 
-def test_a_last_layer_selector_on_a_language_model_names_the_fix_when_it_cannot_serve_it() -> None:
+def test_a_last_layer_selector_on_a_language_model_reads_its_per_position_head() -> None:
     transformers = pytest.importorskip("transformers")
-    if sequence_grams_supported():
-        pytest.skip("per-position last-layer gradients are served")
     config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=32, n_layer=1, n_head=2)
-    with pytest.raises(ValueError, match=r"lm_head.*per-position.*random, topk, loss"):
-        fit(
-            Wrapped(transformers.GPT2LMHeadModel(config)),
-            TokenDicts(per_token=True),
-            8,
-            SelectiveBackprop(LargestGrad()),
-        )
+    model = Wrapped(transformers.GPT2LMHeadModel(config))
+    sbp = SelectiveBackprop(LargestGrad(), keep=0.25)
+    fit(model, TokenDicts(per_token=True), 8, sbp)
+    assert model.seen == [2, 2]
+    assert sbp.last_selection is not None and sbp.last_selection.indices.shape == (2,)
 
 
 # ---------------------------------------------------------------- torchvision
