@@ -214,7 +214,6 @@ class SelectiveBackprop(BatchAdapter, Callback):
         self.last_selection: Selection | None = None
         self._tracker: GradientErrorTracker | None = None
         self._min_k = 1
-        self._scoring = True
         self._reported_small_batch = False
         self._largest_batch = 0
         self._total_steps: float = float("inf")
@@ -260,8 +259,6 @@ class SelectiveBackprop(BatchAdapter, Callback):
         self.scorer.setup(trainer, pl_module, self.selector.needs_last_layer, self.track_grad_error)
         track = self.track_grad_error and self.scorer.capture is not None
         self._tracker = GradientErrorTracker(self.grad_error_sketch_dim) if track else None
-        # Random selection with tracking off reads no score: its steps skip the scoring pass.
-        self._scoring = self.selector.needs_scores or self._tracker is not None
         self._min_k = 2 if has_batch_norm(pl_module) else 1
         self.selector.setup(pl_module)
         self._patch(pl_module)
@@ -392,7 +389,13 @@ class SelectiveBackprop(BatchAdapter, Callback):
             return original(*args, **kwargs)
 
         started = time.perf_counter()
-        scores, cheap = self._scores(pl_module, batch) if self._scoring else (None, True)
+        if self.selector.needs_scores:
+            scores, cheap = self._scores(pl_module, batch)
+        elif self._measurement_due()[0]:
+            # A selector that reads no score (random) scores only the steps that measure the gradient errors.
+            scores, cheap = self.scorer.score(pl_module, batch), False
+        else:
+            scores, cheap = None, True
         if self.scorer.capture is None:
             self._tracker = None  # the scoring pass found features it cannot serve, and said so
         scored = time.perf_counter()
@@ -436,14 +439,26 @@ class SelectiveBackprop(BatchAdapter, Callback):
             cache.store_from_every_rank(indices, scores, epoch, trainer)
         return scores, self.scorer.cheap
 
-    def _measure(
-        self, pl_module: pl.LightningModule, batch: Any, subset: Any, scores: Scores | None, selection: Selection
-    ) -> dict[str, Any]:
-        """The gradient-error step values, against the full batch as the trainer would score it."""
+    def _measurement_due(self) -> tuple[bool, bool]:
+        """Whether this selective step measures the gradient errors, and whether also the exact one."""
+        if self._tracker is None:
+            return False, False
         every = self.exact_grad_error_every
         steps = self.step_log.selective_steps
         exact_due = bool(every) and steps % every == 0
-        if self._tracker is None or (steps % self.grad_error_every and not exact_due):
+        return exact_due or steps % self.grad_error_every == 0, exact_due
+
+    def _measure(
+        self,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        subset: Any,
+        scores: Scores | None,
+        selection: Selection,
+    ) -> dict[str, Any]:
+        """The gradient-error step values, against the full batch as the trainer would score it."""
+        measuring, exact_due = self._measurement_due()
+        if self._tracker is None or not measuring:
             return {}
         true_scores = scores if scores is not None else self.scorer.score(pl_module, batch)
         exact = None

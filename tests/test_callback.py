@@ -443,3 +443,15 @@ def test_a_ddp_ranks_short_last_batch_is_not_reported_but_a_small_batch_size_is(
     sbp._largest_batch = 1  # every batch holds one example: selection never happens
     with pytest.warns(UserWarning, match="batch of 1 examples"):
         sbp._report_small_batch(two_ranks, 1, 1)
+
+
+def test_random_selection_scores_only_the_steps_that_measure_the_gradient_errors() -> None:
+    model = PlainClassifier()
+    forwards: list[int] = []
+    model.net.register_forward_hook(lambda module, inputs, output: forwards.append(inputs[0].shape[0]))
+    sbp = SelectiveBackprop("random", keep=0.25, grad_error_every=3)
+    data = TensorDataset(torch.randn(112, 16), torch.randint(3, (112,)))
+    trainer(callbacks=[sbp], max_steps=7, log_every_n_steps=1).fit(model, loader(data, 16))
+    # Selective steps 0, 3 and 6 score all 16 rows; every step trains on 4.
+    assert forwards == [16, 4, 4, 4, 16, 4, 4, 4, 16, 4]
+    assert model.seen == [4] * 7

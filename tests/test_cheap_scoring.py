@@ -74,7 +74,7 @@ def test_cheap_scores_are_measured_against_the_true_full_batch() -> None:
 def test_score_scale_on_inputs_without_spatial_dimensions_names_their_shape() -> None:
     data = TensorDataset(torch.randn(32, 16), torch.randint(3, (32,)))
     with pytest.raises(ValueError, match=r"shape \(16, 16\)"):
-        trainer(callbacks=[SelectiveBackprop("random", keep=0.5, score_scale=0.5)]).fit(
+        trainer(callbacks=[SelectiveBackprop("topk", keep=0.5, score_scale=0.5)]).fit(
             PlainClassifier(), loader(data, 16)
         )
 

@@ -287,7 +287,9 @@ def _summarise_output(grid: Grid, runs: Sequence[Run], records: list[dict[str, A
     failed = [record for record in records if record.get("status") != "finished"]
     recorded = {record["run_id"] for record in records}
     missing = [run.run_id for run in runs if run.run_id not in recorded]
-    (grid.output / "summary.md").write_text(_summary_document(grid, table, records, failed, missing, tuned) + analysis)
+    (grid.output / "summary.md").write_text(
+        _summary_document(grid, table, records, failed, missing, tuned) + "\n" + analysis
+    )
     plots = plot_all(selected, records, grid.metric, grid.output / "plots", show_lr=tuned) if selected else []
 
     print(table, end="")
