@@ -32,6 +32,7 @@ from lightning_sbp.scoring import (
     ScoreMode,
     ScorePrecision,
     Scorer,
+    ScoringError,
     has_batch_norm,
 )
 from lightning_sbp.selectors import Scores, Selection, Selector, available_selectors, get_selector
@@ -389,15 +390,14 @@ class SelectiveBackprop(BatchAdapter, Callback):
             return original(*args, **kwargs)
 
         started = time.perf_counter()
+        scores: Scores | None
         if self.selector.needs_scores:
             scores, cheap = self._scores(pl_module, batch)
         elif self._measurement_due()[0]:
             # A selector that reads no score (random) scores only the steps that measure the gradient errors.
-            scores, cheap = self.scorer.score(pl_module, batch), False
+            scores, cheap = self._scores_for_tracking(pl_module, batch), False
         else:
             scores, cheap = None, True
-        if self.scorer.capture is None:
-            self._tracker = None  # the scoring pass found features it cannot serve, and said so
         scored = time.perf_counter()
         selection = self._select(trainer, scores or unscored(size, pl_module.device), k)
         selected = time.perf_counter()
@@ -438,6 +438,18 @@ class SelectiveBackprop(BatchAdapter, Callback):
         if cache is not None and indices is not None:
             cache.store_from_every_rank(indices, scores, epoch, trainer)
         return scores, self.scorer.cheap
+
+    def _scores_for_tracking(self, pl_module: pl.LightningModule, batch: Any) -> Scores | None:
+        """Scores for the gradient errors alone: a module the defaults cannot score loses the tracking, not the run."""
+        try:
+            return self.scorer.score(pl_module, batch)
+        except ScoringError as error:
+            self._tracker = None
+            rank_zero_warn(
+                f"SelectiveBackprop does not track gradient errors, which need a scoring pass: {error} "
+                f"{type(self.selector).__name__} itself reads no score, so training goes on."
+            )
+            return None
 
     def _measurement_due(self) -> tuple[bool, bool]:
         """Whether this selective step measures the gradient errors, and whether also the exact one."""

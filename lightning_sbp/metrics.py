@@ -42,7 +42,9 @@ class _BatchMean(MeanMetric):
     higher_is_better = False  # type: ignore[assignment]
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(nan_strategy="disable", **kwargs)
+        # Only MeanMetric.update reads nan_strategy, and _add takes its place; "ignore" is accepted by every
+        # torchmetrics release from the floor on.
+        super().__init__(nan_strategy="ignore", **kwargs)
         self.set_dtype(torch.float64)
 
     def _add(self, value: Tensor, defined: Tensor) -> None:

@@ -228,7 +228,7 @@ def test_sync_batch_norm_scoring_leaves_running_stats_alone_and_ranks_stay_in_st
     # Rank 0's last batch has 4 rows and selects 2; rank 1's has 2, too few to select from, and trains on both:
     # every rank still runs a scoring pass, so the batch-norm collectives pair up.
     torch.manual_seed(0)
-    sbp = SelectiveBackprop("random", keep=0.5)
+    sbp = SelectiveBackprop("random", keep=0.5, grad_error_every=1)
     run = ddp_trainer(
         tmp_path,
         callbacks=[sbp, Recorder(str(tmp_path))],

@@ -70,6 +70,13 @@ def test_boring_model_trains_on_random_subsets_without_a_scoring_pass() -> None:
     assert sbp.examples_backpropagated == 12
 
 
+def test_boring_model_trains_on_random_subsets_with_the_defaults_and_says_why_it_tracks_nothing() -> None:
+    sbp = SelectiveBackprop("random", keep=0.25)
+    with pytest.warns(UserWarning, match=r"does not track gradient errors.*BoringModel.*training goes on"):
+        sizes = fit(BoringModel(), RandomDataset(32, 64), 16, sbp, steps=3)
+    assert sizes.sizes == [4, 4, 4]
+
+
 def test_boring_model_with_a_scoring_selector_fails_at_the_first_step_naming_score_fn() -> None:
     with pytest.raises(ScoringError) as info:
         fit(BoringModel(), RandomDataset(32, 64), 16, SelectiveBackprop("topk", keep=0.25))
