@@ -46,12 +46,15 @@ class _BatchMean(MeanMetric):
         # torchmetrics release from the floor on.
         super().__init__(nan_strategy="ignore", **kwargs)
         self.set_dtype(torch.float64)
+        # MeanMetric's running sum is the state "mean_value" in recent torchmetrics and "value" in 1.0.
+        self._sum_state = "mean_value" if hasattr(self, "mean_value") else "value"
 
     def _add(self, value: Tensor, defined: Tensor) -> None:
         # MeanMetric's own update cannot skip without a sync: its NaN strategies test `nans.any()` on the host,
         # and "disable" resets the weights to one. The states, their reduction and compute are MeanMetric's.
         counted = defined & torch.isfinite(value)
-        self.mean_value += torch.where(counted, value.detach().to(self.mean_value.dtype), 0.0)
+        total = getattr(self, self._sum_state)
+        setattr(self, self._sum_state, total + torch.where(counted, value.detach().to(total.dtype), 0.0))
         self.weight += counted.to(self.weight.dtype)
 
 
