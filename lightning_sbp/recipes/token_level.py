@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_sbp.functional.loss import IGNORE_INDEX, per_example_cross_entropy
+from lightning_sbp.functional.loss import IGNORE_INDEX
 from lightning_sbp.recipes.evaluation import ClassifierEvaluation
 from lightning_sbp.recipes.text import adamw_with_linear_warmup, build_transformers_model, check_fine_tuning
 
@@ -83,10 +83,6 @@ class TokenLevelModule(ClassifierEvaluation):
             raise TypeError(f"{type(self).__name__} expects dict batches with a 'labels' key")
         inputs = {key: value for key, value in batch.items() if key not in _NOT_MODEL_INPUTS}
         return self(**inputs), self.targets(batch["labels"])
-
-    def sbp_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Each sequence's mean token cross-entropy, ``[N]``."""
-        return per_example_cross_entropy(logits, targets)
 
     def evaluation_outputs(self, batch: Any) -> tuple[Tensor, Tensor]:
         """Logits ``[N T, C]`` and targets ``[N T]`` of every position; ``-100`` targets are not counted."""
