@@ -152,3 +152,17 @@ def sequence_losses(module: Any, batch: Any) -> Tensor:
     inputs, target = batch
     log_probs = module(inputs, target).view(*target.shape, -1)
     return F.nll_loss(log_probs.movedim(-1, 1), target, reduction="none").mean(dim=1)
+
+
+def tiny_gpt2_config(vocab_size: int) -> dict[str, Any]:
+    """A transformers config of a GPT-2 small enough to train in a test: one layer, 16 features."""
+    return {
+        "model_type": "gpt2",
+        "vocab_size": vocab_size,
+        "n_positions": 16,
+        "n_embd": 16,
+        "n_layer": 1,
+        "n_head": 2,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    }

@@ -8,23 +8,14 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import trainer
+from helpers import tiny_gpt2_config, trainer
 
 from lightning_sbp import SelectiveBackprop
 from lightning_sbp.functional import per_example_cross_entropy
 from lightning_sbp.recipes import CausalLMModule, GeneratedTokensDataModule
 from lightning_sbp.selectors.omp import OMPSelector
 
-GPT2 = {
-    "model_type": "gpt2",
-    "vocab_size": 24,
-    "n_positions": 16,
-    "n_embd": 16,
-    "n_layer": 1,
-    "n_head": 2,
-    "bos_token_id": 0,
-    "eos_token_id": 0,
-}
+GPT2 = tiny_gpt2_config(vocab_size=24)
 
 
 class MetricLog(pl.Callback):

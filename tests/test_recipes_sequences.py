@@ -6,21 +6,13 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import tiny_gpt2_config
 from helpers import trainer as quiet_trainer
 
 from lightning_sbp.functional import per_example_cross_entropy
 from lightning_sbp.recipes import CausalLMModule, GeneratedTokensDataModule, TokenClassifier
 
-GPT2 = {
-    "model_type": "gpt2",
-    "vocab_size": 16,
-    "n_positions": 16,
-    "n_embd": 16,
-    "n_layer": 1,
-    "n_head": 2,
-    "bos_token_id": 0,
-    "eos_token_id": 0,
-}
+GPT2 = tiny_gpt2_config(vocab_size=16)
 BERT = {
     "model_type": "bert",
     "vocab_size": 16,
