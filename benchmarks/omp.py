@@ -16,48 +16,52 @@ synchronisations. The ``ops / pick`` column counts, at the dispatcher, the opera
 kernel in the greedy loop: the difference between runs with ``k`` and ``k / 2`` picks, divided by
 ``k / 2``. On a CUDA device the loop is captured once as a CUDA graph and replayed, so the count is
 what one replay launches from the graph, not from the host.
+
+A second table sets the eager loop against the compiled one (``omp_gram(..., fused=True)``), timed back
+to back on the same device: its ``fused`` column counts the kernels one compiled pick launches, read
+from the code that ``torch.compile`` generates for the device (C++ on the CPU, Triton on a GPU), and
+``compile (s)`` is the time of the first call of each shape. ``--no-fused`` skips it.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
+import tqdm
 from sklearn.linear_model import orthogonal_mp_gram
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch._inductor.utils import run_and_get_code
 
 from lightning_sbp.functional.omp import _omp_gram, omp_gram
 
-# Operators that only make views or read metadata: no kernel runs.
-_VIEWS = {"aten.slice", "aten.select", "aten.view", "aten.unsqueeze", "aten.squeeze", "aten.t", "aten.transpose"}
-_VIEWS |= {"aten.numpy_T", "aten.diagonal", "aten.unbind", "aten.expand", "aten.alias", "aten.detach"}
-
-
-class KernelCounter(TorchDispatchMode):
-    """Counts the operators that reach the dispatcher and launch a kernel."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.kernels = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.kernels += str(func.overloadpacket) not in _VIEWS
-        return func(*args, **(kwargs or {}))
+# The test suite's counters: operators at the dispatcher, kernels in generated code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from dispatch import DispatchRecorder, generated_launches
 
 
 def ops_per_pick(gram: torch.Tensor, target: torch.Tensor, k: int) -> float:
-    """Kernels per pick of the greedy loop (run eagerly, as a CUDA graph captures it)."""
+    """Kernels per pick of the eager greedy loop (as a CUDA graph captures it), counted at the dispatcher."""
     counts = []
     for picks in (k // 2, k):
-        with torch.inference_mode(), KernelCounter() as counter:
-            _omp_gram(gram, target, picks, False)
-        counts.append(counter.kernels)
+        with torch.inference_mode(), DispatchRecorder() as recorder:
+            _omp_gram(gram, target, picks, False, False)
+        counts.append(recorder.kernels())
     return (counts[1] - counts[0]) / (k - k // 2)
+
+
+def fused_launches_per_pick(gram: torch.Tensor, target: torch.Tensor, k: int) -> tuple[int, float]:
+    """Kernels one compiled pick launches, read from the code ``torch.compile`` generates, and the compile time."""
+    started = time.perf_counter()
+    _, codes = run_and_get_code(omp_gram, gram, target, k, False, True)
+    return generated_launches(codes[-1]), time.perf_counter() - started
 
 
 def _median_ms(times: list[float]) -> float:
@@ -129,12 +133,38 @@ def run(sizes: list[int], dtypes: list[torch.dtype], repeats: int, device: torch
     return "\n".join(rows)
 
 
+def run_fused(sizes: list[int], dtypes: list[torch.dtype], repeats: int, device: torch.device) -> str:
+    """The eager greedy loop against the compiled one (``fused=True``), timed back to back on ``device``."""
+    rows = [
+        "| dtype | N | k | t_eager (ms) | t_fused (ms) | fused / eager | kernels / pick, eager | fused | compile (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for dtype in dtypes:
+        for n in tqdm.tqdm(sizes, desc=f"fused {str(dtype).removeprefix('torch.')}", disable=None, leave=False):
+            k = n // 2
+            gram, target = (tensor.to(device) for tensor in _problem(n, dtype, seed=n))
+            launches, compile_seconds = fused_launches_per_pick(gram, target, k)
+            t_eager, t_fused = [], []
+            for repeat in range(repeats):
+                pair = [(t_eager, False), (t_fused, True)]
+                for times, fused in pair[:: 1 if repeat % 2 else -1]:
+                    times.append(_time(functools.partial(omp_gram, gram, target, k, fused=fused), device))
+            ratio = float(np.median(np.array(t_fused) / np.array(t_eager)))
+            rows.append(
+                f"| {str(dtype).removeprefix('torch.')} | {n} | {k} | {_median_ms(t_eager):.1f} "
+                f"| {_median_ms(t_fused):.1f} | {ratio:.2f} | {ops_per_pick(gram, target, k):.1f} | {launches} "
+                f"| {compile_seconds:.0f} |"
+            )
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024])
     parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"], choices=["float64", "float32"])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--device", default="cpu", help="device of omp_gram: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--no-fused", action="store_true", help="skip the table of the compiled loop (fused=True)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -142,7 +172,10 @@ def main() -> None:
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load}, omp_gram on {where}")
-    print(run(args.sizes, [getattr(torch, name) for name in args.dtypes], args.repeats, device))
+    dtypes = [getattr(torch, name) for name in args.dtypes]
+    print(run(args.sizes, dtypes, args.repeats, device))
+    if not args.no_fused:
+        print(f"\n{run_fused(args.sizes, dtypes, args.repeats, device)}")
 
 
 if __name__ == "__main__":

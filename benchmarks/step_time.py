@@ -24,19 +24,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import os
 import platform
+import re
 import statistics
 import time
-from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
+import tqdm
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -136,7 +138,7 @@ class Row:
     timed_from_epoch: int = 0
     scored: bool = True
     untracked: str | None = None
-    notes: list[str] = field(default_factory=list)
+    measuring: str | None = None
 
 
 def sbp(selector: str, keep: float, **options: Any) -> Callable[[], pl.Callback]:
@@ -144,34 +146,64 @@ def sbp(selector: str, keep: float, **options: Any) -> Callable[[], pl.Callback]
     return lambda: SelectiveBackprop(selector, keep=keep, **options)
 
 
+def tracking_rows(label: str, batch: int, keep: float, selector: str, **options: Any) -> list[Row]:
+    """A configuration with tracking off, at its default, and measuring on every step.
+
+    With the default ``grad_error_every`` only the first selective step of a fit measures, and the
+    first step is the dropped warm-up: the default row times the steps that do not measure, the
+    ``every step`` row (``grad_error_every=1``) the steps that do.
+    """
+    scored = get_selector(selector).needs_scores
+    untracked = label + ("" if scored else " no scoring pass")
+    epochs, timed_from = (2, 1) if options.get("stale_epochs") else (1, 0)
+    common = {"batch_size": batch, "keep": keep, "epochs": epochs, "timed_from_epoch": timed_from}
+    return [
+        Row(untracked, callback=sbp(selector, keep, track_grad_error=False, **options), scored=scored, **common),
+        Row(
+            f"{label} +grad_error",
+            callback=sbp(selector, keep, **options),
+            scored=scored,
+            untracked=untracked,
+            measuring=f"{label} +grad_error every step",
+            **common,
+        ),
+        Row(f"{label} +grad_error every step", callback=sbp(selector, keep, grad_error_every=1, **options), **common),
+    ]
+
+
 def build_rows(batch: int, keeps: list[float], selectors: list[str], minimum: int, extras: bool) -> list[Row]:
-    """The full steps, one row per selector and keep with tracking off and on, and the cheaper scoring rows."""
+    """The full steps, each selector and keep with three tracking settings, and the cheaper scoring rows."""
     rows = [Row("full", batch)]
     rows += [Row(f"full k={k}", k) for k in sorted({subset_size(keep, batch, minimum) for keep in keeps})]
     for keep in keeps:
         for name in selectors:
-            # Random selection reads no score: with tracking off its steps run no scoring pass at all.
-            scored = get_selector(name).needs_scores
-            label = f"{name} keep={keep}" + ("" if scored else " no scoring pass")
-            rows.append(Row(label, batch, keep, sbp(name, keep, track_grad_error=False), scored=scored))
-            rows.append(Row(f"{name} keep={keep} +grad_error", batch, keep, sbp(name, keep), untracked=label))
+            rows += tracking_rows(f"{name} keep={keep}", batch, keep, name)
     if extras:
         keep = min(keeps)
         quiet = {"track_grad_error": False}
         rows += [
             Row(f"loss keep={keep} score bf16", batch, keep, sbp("loss", keep, score_precision="bf16", **quiet)),
             Row(f"loss keep={keep} score_scale 0.5", batch, keep, sbp("loss", keep, score_scale=0.5, **quiet)),
-            Row(
-                f"loss keep={keep} stale scores (cache hits, default tracking)",
-                batch,
-                keep,
-                sbp("loss", keep, stale_epochs=1),
-                epochs=2,
-                timed_from_epoch=1,
-            ),
+            *tracking_rows(f"loss keep={keep} stale scores (cache hits)", batch, keep, "loss", stale_epochs=1),
             Row(f"peer loss selection keep={keep}", batch, keep, model="peer"),
         ]
     return rows
+
+
+def select_rows(rows: list[Row], pattern: str | None) -> list[Row]:
+    """The rows whose label matches ``pattern``, with every row their tables compare them to."""
+    if pattern is None:
+        return rows
+    wanted = {row.label for row in rows if re.search(pattern, row.label)}
+    if not wanted - {row.label for row in rows if row.keep is None}:
+        raise SystemExit(f"--only {pattern!r} matches no selective configuration")
+    for row in rows:
+        if row.label in wanted:
+            wanted |= {label for label in (row.untracked, row.measuring) if label is not None}
+    # The references: the full steps, and the fp32 loss row the cheaper scoring rows are set against.
+    references = {row.label for row in rows if row.keep is None}
+    references.add(f"loss keep={min(row.keep for row in rows if row.keep is not None)}")
+    return [row for row in rows if row.label in wanted | references]
 
 
 def time_fit(
@@ -221,6 +253,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--selectors", nargs="+", default=available_selectors())
     parser.add_argument("--steps", type=int, default=4, help="steps per configuration, epoch and round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--only",
+        metavar="REGEX",
+        help="time only the configurations whose label matches, with the rows they are compared to "
+        "(e.g. 'stale|omp keep=0.25')",
+    )
     parser.add_argument("--no-extras", action="store_true", help="skip the cheaper-scoring and peer rows")
     parser.add_argument("--accelerator", choices=["cpu", "gpu", "cuda", "mps"], default="cpu")
     parser.add_argument(
@@ -233,9 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     pl.seed_everything(0, verbose=False)
     options = {"backbone": args.backbone, "num_classes": 10, "schedule": "constant", "lr": 0.01}
     models: dict[str, pl.LightningModule] = {"shared": ImageClassifier(**options)}
-    rows = build_rows(
-        args.batch_size, args.keeps, args.selectors, 2 if has_batch_norm(models["shared"]) else 1, not args.no_extras
-    )
+    minimum = 2 if has_batch_norm(models["shared"]) else 1
+    rows = select_rows(build_rows(args.batch_size, args.keeps, args.selectors, minimum, not args.no_extras), args.only)
     models["peer"] = PeerLossSelection(min(args.keeps), **options)
     models["peer"].load_state_dict(models["shared"].state_dict())
     images = RandomImages(args.batch_size * args.steps, args.image_size, 10)
@@ -249,34 +286,85 @@ def main(argv: list[str] | None = None) -> None:
 
     # warm-up: allocator, kernels, caches; and the device the trainer picked
     _, device = time_fit(models["shared"], rows[0], loaders[args.batch_size], args.accelerator, args.devices)
-    times: dict[str, list[float]] = defaultdict(list)
-    for _ in range(args.rounds):
-        times["no-grad forward"] += time_no_grad_forward(models["shared"], loaders[args.batch_size], device)
+    rounds: list[dict[str, float]] = []
+    for _ in tqdm.trange(args.rounds, desc="rounds", disable=None):
+        times = {"no-grad forward": time_no_grad_forward(models["shared"], loaders[args.batch_size], device)}
         for row in rows:
             model, data = models[row.model], loaders[row.batch_size]
-            times[row.label] += time_fit(model, row, data, args.accelerator, args.devices)[0]
-    median = {label: statistics.median(values) for label, values in times.items()}
+            times[row.label] = time_fit(model, row, data, args.accelerator, args.devices)[0]
+        rounds.append({label: statistics.median(values) for label, values in times.items()})
+    median = {label: statistics.median(each[label] for each in rounds) for label in rounds[0]}
 
-    full, forward = median["full"], median["no-grad forward"]
     print(f"\n{machine(device)}")
     print(f"{args.backbone}, batch {args.batch_size}, medians over {args.rounds} rounds of {args.steps} steps\n")
+    print_tables(rows, median, rounds, args.batch_size, minimum)
+
+
+def paired(rounds: list[dict[str, float]], label: str, reference: str) -> str:
+    """The relative difference of two rows, taken within each round: median and range over the rounds."""
+    changes = sorted(100 * (each[label] / each[reference] - 1) for each in rounds)
+    return f"{statistics.median(changes):+.1f}% ({changes[0]:+.1f} to {changes[-1]:+.1f})"
+
+
+def print_tables(
+    rows: list[Row], median: dict[str, float], rounds: list[dict[str, float]], batch: int, minimum: int
+) -> None:
+    """The step times against the ideal, the cost of tracking, and the cost of the cheaper scoring passes.
+
+    ``median`` holds each row's median over the rounds of its per-round median step time; the tracking
+    table compares rows within each round (``rounds``), so that a slow round slows both sides.
+    """
+    full, forward = median["full"], median["no-grad forward"]
     print(f"full step {1e3 * full:.1f} ms; no-grad forward {1e3 * forward:.1f} ms\n")
     print("| configuration | step (ms) | speedup | ideal speedup | ratio |")
     print("|---|---:|---:|---:|---:|")
     for row in rows:
         if row.keep is None:
             continue
-        k = subset_size(row.keep, args.batch_size, 2 if has_batch_norm(models["shared"]) else 1)
-        ideal = full / ((forward if row.scored else 0.0) + median[f"full k={k}"])
+        ideal = full / ((forward if row.scored else 0.0) + median[f"full k={subset_size(row.keep, batch, minimum)}"])
         speedup = full / median[row.label]
         print(
             f"| {row.label} | {1e3 * median[row.label]:.1f} | {speedup:.2f}× | {ideal:.2f}× | {speedup / ideal:.2f} |"
         )
-    print("\n| configuration | cost of grad-error tracking |")
-    print("|---|---:|")
+
+    every = inspect.signature(SelectiveBackprop).parameters["grad_error_every"].default
+    print(f"\n| configuration | steps that do not measure | a step that measures | amortised (1 in {every}) |")
+    print("|---|---:|---:|---:|")
     for row in rows:
-        if row.untracked is not None:
-            print(f"| {row.untracked} | {100 * (median[row.label] / median[row.untracked] - 1):+.1f}% |")
+        if row.untracked is None or row.measuring is None:
+            continue
+        amortised = f"amortised {row.label}"
+        for each in rounds:
+            each[amortised] = ((every - 1) * each[row.label] + each[row.measuring]) / every
+        print(
+            f"| {row.untracked} | {paired(rounds, row.label, row.untracked)} "
+            f"| {paired(rounds, row.measuring, row.untracked)} | {paired(rounds, amortised, row.untracked)} |"
+        )
+
+    # The scoring pass's share of a step: what remains of it once the training step on k is taken away.
+    keep = min(row.keep for row in rows if row.keep is not None)
+    reference = f"loss keep={keep}"
+    cheaper = [
+        row
+        for row in rows
+        if row.label.startswith(f"{reference} ")
+        and not row.label.startswith(f"{reference} +grad_error")
+        and not row.label.endswith("every step")
+    ]
+    if reference not in median or not cheaper:
+        return
+    train = median[f"full k={subset_size(keep, batch, minimum)}"]
+    scoring = median[reference] - train
+    print(f"\n| scoring at keep={keep} (step minus a full step on k) | scoring (ms) | cheaper than fp32 scoring |")
+    print("|---|---:|---:|")
+    print(f"| fp32 (`{reference}`) | {1e3 * scoring:.1f} | 1.00× |")
+    # Below a tenth of the training step on k, the run-to-run noise of this machine, a cost is not resolved
+    # from zero: the ratio is then only bounded from below.
+    resolution = 0.1 * train
+    for row in cheaper:
+        cost = median[row.label] - train
+        ratio = f"{scoring / cost:.1f}×" if cost > resolution else f"> {scoring / resolution:.0f}× (not resolved)"
+        print(f"| {row.label.removeprefix(reference + ' ')} | {1e3 * cost:.1f} | {ratio} |")
 
 
 if __name__ == "__main__":

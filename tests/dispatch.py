@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -114,3 +115,17 @@ class DispatchRecorder(TorchDispatchMode):
     def kernels(self) -> int:
         """How many operators that launch a kernel ran."""
         return sum(call.launches_kernel for call in self.calls)
+
+
+# A kernel launch in the ``call`` function of the code Inductor generates: its own fused kernels (C++ on the
+# CPU, Triton on GPUs), library kernels (``extern_kernels.addmm``) and ATen fallbacks.
+_GENERATED_LAUNCH = re.compile(r"^\s+(cpp_fused_\w+|triton_\w+\.run|extern_kernels\.\w+|aten\.\w+(\.\w+)?)\(", re.M)
+
+
+def generated_launches(code: str) -> int:
+    """How many kernels one run of a function compiled by ``torch.compile`` launches, from its generated code."""
+    header, _, rest = code[code.index("def call(") :].partition("\n")
+    # The function ends at the first line indented no more than its ``def``.
+    indent = len(code[: code.index("def call(")].rpartition("\n")[2])
+    end = re.search(rf"^ {{0,{indent}}}\S", rest, re.M)
+    return len(_GENERATED_LAUNCH.findall(rest[: end.start() if end else None]))

@@ -1,13 +1,16 @@
 import contextlib
 import itertools
+import math
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
-from dispatch import DispatchRecorder
+from dispatch import DispatchRecorder, generated_launches
 from scipy.optimize import nnls
 from sklearn.linear_model import orthogonal_mp_gram
+from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
 
 import lightning_sbp.functional.omp as omp_module
 from lightning_sbp.functional.omp import omp_gram
@@ -284,6 +287,42 @@ def test_few_kernels_per_pick(nonnegative: bool) -> None:
     assert per_pick <= 13.5
 
 
+def _hard_problems(n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A well-conditioned problem, one with duplicated and all-zero atoms, and one with a NaN."""
+    x, y = _atoms(n + 8, n, 3, torch.float32)
+    yield x.T @ x, x.T @ y
+    degenerate = x.clone()
+    degenerate[:, 1::5] = degenerate[:, ::5][:, : degenerate[:, 1::5].shape[1]]
+    degenerate[:, 2::7] = 0.0
+    yield degenerate.T @ degenerate, degenerate.T @ y
+    gram = x.T @ x
+    gram[4, 4] = math.nan
+    yield gram, gram.mean(dim=1)
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_fused_picks_match_the_eager_loop_in_three_kernels(nonnegative: bool) -> None:
+    # One shape for every problem: compiled at the first, reused for the others. The compiled pick reads
+    # and writes the same tensors as the eager loop, so the two agree on degenerate inputs too.
+    problems = list(_hard_problems(40))
+    (indices, coef), codes = run_and_get_code(omp_gram, *problems[0], 12, nonnegative, True)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    for position, (gram, target) in enumerate(problems):
+        if position:
+            indices, coef = omp_gram(gram, target, 12, nonnegative=nonnegative, fused=True)
+        expected_indices, expected_coef = omp_gram(gram, target, 12, nonnegative=nonnegative)
+        assert torch.equal(indices, expected_indices)
+        assert len(set(indices.tolist())) == 12
+        finite = expected_coef.isfinite()
+        torch.testing.assert_close(coef[finite], expected_coef[finite], rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs
+    # The eager loop's dozen operators per pick (test_few_kernels_per_pick) become three kernels: the
+    # scores with their argmax and the gather of the picked column, the product, and every update after it.
+    assert len(codes) == 1
+    assert generated_launches(codes[0]) <= 3
+
+
 def test_replayed_runner_reuses_its_buffers_and_matches_eager() -> None:
     captures = []
 
@@ -292,7 +331,7 @@ def test_replayed_runner_reuses_its_buffers_and_matches_eager() -> None:
         run()
         return run
 
-    runner = omp_module._ReplayedOMP(30, 9, torch.float64, False, torch.device("cpu"), capture=eager_capture)
+    runner = omp_module._ReplayedOMP(30, 9, torch.float64, False, False, torch.device("cpu"), capture=eager_capture)
     buffers = runner.gram.data_ptr(), runner.indices.data_ptr()
     for seed in range(3):
         x, y = _atoms(40, 30, seed)
@@ -340,7 +379,7 @@ def test_cuda_graph_capture_warms_up_on_a_side_stream_then_captures_once(monkeyp
     monkeypatch.setattr(torch.cuda, "stream", on_stream)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", capturing)
-    runner = omp_module._ReplayedOMP(12, 4, torch.float32, True, torch.device("cpu"))
+    runner = omp_module._ReplayedOMP(12, 4, torch.float32, True, False, torch.device("cpu"))
     runner(torch.eye(12), torch.ones(12))
     assert events == [
         "side waits",

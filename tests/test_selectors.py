@@ -192,6 +192,14 @@ def test_loss_history_keeps_non_finite_losses_out() -> None:
 # --- gradnorm --------------------------------------------------------------------------------------
 
 
+def test_omp_fused_selects_what_the_eager_loop_selects() -> None:
+    scores = random_scores(40, seed=5)
+    eager = OMPSelector().select(scores, 12, generator())
+    fused = OMPSelector(fused=True).select(scores, 12, generator())
+    assert torch.equal(fused.indices, eager.indices)
+    torch.testing.assert_close(fused.weights, eager.weights, rtol=1e-4, atol=1e-5)
+
+
 def scores_with_bounds(bounds: Tensor, classes: int = 3) -> Scores:
     """Scores whose gradient-norm bound is exactly ``bounds`` (zero features, bias on)."""
     n = bounds.shape[0]
@@ -475,6 +483,7 @@ def test_a_user_selector_is_retrievable_by_name() -> None:
         ("omp", {"weights": "sum"}, "'normalized', 'uniform', 'raw'"),
         ("omp", {"dtype": "float16"}, "'float32', 'float64'"),
         ("omp", {"nonnegative": "yes"}, "nonnegative"),
+        ("omp", {"fused": 1}, "fused must be True or False"),
         ("omp", {"sketch_dim": 0}, "sketch_dim must be None"),
         ("omp", {"ridge": -0.1}, "ridge"),
         ("omp", {"ridge": math.inf}, "ridge"),

@@ -31,7 +31,9 @@ _COPY_CHUNK = 16384
 _CACHED_GRAPHS = 8
 
 
-def omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool = False) -> tuple[Tensor, Tensor]:
+def omp_gram(
+    gram: Tensor, target: Tensor, k: int, nonnegative: bool = False, fused: bool = False
+) -> tuple[Tensor, Tensor]:
     """Orthogonal matching pursuit on a Gram matrix.
 
     Picks the atoms one at a time, ``k`` times: the unselected atom most correlated with the current
@@ -50,8 +52,9 @@ def omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool = False) ->
     synchronises with the host. The cost is ``O(N k^2)`` time and ``O(N^2 + N k)`` memory: the loop
     works on a copy of ``gram`` (padded to a multiple of 8 rows and columns) stacked with ``W``. Every
     pick runs the same fixed sequence of about a dozen kernels on tensors of fixed shapes, so on a CUDA
-    device the whole function is captured once per ``(N, k, dtype, nonnegative)`` as a CUDA graph and
-    replayed: one launch per call instead of one per kernel.
+    device the whole function is captured once per ``(N, k, dtype, nonnegative, fused)`` as a CUDA
+    graph and replayed: one launch per call instead of one per kernel. With ``fused=True`` each pick
+    is one compiled function whose operators fuse into a few kernels.
 
     Degenerate problems (duplicated examples, all-zero gradients, atoms linearly dependent on the
     support) never stop the search early, unlike scikit-learn's:
@@ -83,6 +86,11 @@ def omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool = False) ->
             mean of the atoms).
         k: number of atoms to select, ``1 <= k <= N``.
         nonnegative: constrain the coefficients to be non-negative.
+        fused: run each pick as one function compiled by ``torch.compile`` (Triton kernels on a GPU,
+            C++ on the CPU), which fuses its dozen operators into a few kernels. The first call for a
+            shape compiles, which takes seconds to a minute; later calls, and on CUDA the replays of
+            the captured graph, launch the fused kernels. Worth it on accelerators when ``k`` is in the
+            hundreds; on the CPU the eager loop is as fast.
 
     Returns:
         ``(indices, coef)``: ``indices`` a ``long`` tensor ``[k]`` of distinct atom indices in the order
@@ -110,9 +118,9 @@ def omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool = False) ->
     # The loop is a dozen tiny operations per pick; inference mode spares each its autograd bookkeeping.
     with torch.inference_mode():
         if gram.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-            indices, coef = _replayed_omp(n, k, dtype, nonnegative, gram.device)(gram, target)
+            indices, coef = _replayed_omp(n, k, dtype, nonnegative, fused, gram.device)(gram, target)
         else:
-            indices, coef = _omp_gram(gram.to(dtype), target.to(dtype), k, nonnegative)
+            indices, coef = _omp_gram(gram.to(dtype), target.to(dtype), k, nonnegative, fused)
     # Plain tensors, not inference tensors (nor a graph's static outputs), so that callers may keep them.
     return indices.clone(), coef.clone()
 
@@ -138,7 +146,7 @@ def _capture_cuda_graph(run: Callable[[], None], device: torch.device) -> Callab
 
 
 class _ReplayedOMP:
-    """:func:`_omp_gram` for one ``(N, k, dtype, nonnegative)`` on one device, captured once and replayed.
+    """:func:`_omp_gram` for one ``(N, k, dtype, nonnegative, fused)`` on one device, captured once and replayed.
 
     Inputs are copied into static buffers, the captured kernels run on them, and the results land in
     static outputs: every call reuses the same memory, so callers must copy the outputs they keep.
@@ -148,6 +156,7 @@ class _ReplayedOMP:
         k: the number of picks.
         dtype: the floating dtype of the computation.
         nonnegative: the non-negative variant.
+        fused: the compiled per-pick function instead of one operator at a time.
         device: the device of the buffers.
         capture: turns a function of the buffers into its replay; :func:`_capture_cuda_graph` by default.
     """
@@ -158,10 +167,11 @@ class _ReplayedOMP:
         k: int,
         dtype: torch.dtype,
         nonnegative: bool,
+        fused: bool,
         device: torch.device,
         capture: Callable[[Callable[[], None], torch.device], Callable[[], None]] = _capture_cuda_graph,
     ) -> None:
-        self.k, self.nonnegative = k, nonnegative
+        self.k, self.nonnegative, self.fused = k, nonnegative, fused
         # Zeros take the same path as any input: the loop has no data-dependent control flow.
         self.gram = torch.zeros(n, n, dtype=dtype, device=device)
         self.target = torch.zeros(n, dtype=dtype, device=device)
@@ -170,7 +180,7 @@ class _ReplayedOMP:
         self.replay = capture(self._run, device)
 
     def _run(self) -> None:
-        indices, coef = _omp_gram(self.gram, self.target, self.k, self.nonnegative)
+        indices, coef = _omp_gram(self.gram, self.target, self.k, self.nonnegative, self.fused)
         self.indices.copy_(indices)
         self.coef.copy_(coef)
 
@@ -182,11 +192,13 @@ class _ReplayedOMP:
 
 
 @functools.lru_cache(maxsize=_CACHED_GRAPHS)
-def _replayed_omp(n: int, k: int, dtype: torch.dtype, nonnegative: bool, device: torch.device) -> _ReplayedOMP:
-    return _ReplayedOMP(n, k, dtype, nonnegative, device)
+def _replayed_omp(
+    n: int, k: int, dtype: torch.dtype, nonnegative: bool, fused: bool, device: torch.device
+) -> _ReplayedOMP:
+    return _ReplayedOMP(n, k, dtype, nonnegative, fused, device)
 
 
-def _omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool) -> tuple[Tensor, Tensor]:
+def _omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool, fused: bool) -> tuple[Tensor, Tensor]:
     n = gram.shape[0]
     dtype, device = gram.dtype, gram.device
     # Relative tolerance below which a pivot or a residual correlation counts as zero. Rounding in the
@@ -212,22 +224,54 @@ def _omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool) -> tuple[
     table[m + k] = 0.0
     table[m + k, :n] = gram.diagonal().clamp(min=0).mul(tol)
     w_ext = table[m : m + k]
-    # Views of every row of W (and of its z entry), made in one call each rather than one per step.
-    w_views = w_ext.unsqueeze(2).unbind(0)  # [m, 1]: column s of W, z[s], zeros
-    z_views = w_ext[:, n : n + 1].unsqueeze(1).unbind(0)  # [1, 1]: z[s]
 
     # Per-atom vectors are columns [m, 1], like the columns of W. alpha_ext holds the residual
     # correlations r = target - W @ z in its first N coordinates.
     alpha_ext = torch.zeros(m, 1, dtype=dtype, device=device)
     alpha_ext[:n, 0] = target
-    alpha = alpha_ext[:n]
     score_floor = target.abs().amax().mul(tol).clamp(min=torch.finfo(dtype).tiny)
     # Caps the score: +inf for unselected atoms; for the atom picked at step s, s - k < 0, below any score
     # of an unselected atom (at least score_floor > 0), and a record of the order of the picks. fmin also
     # drops a NaN score to the cap.
     cap = torch.full((n, 1), torch.inf, dtype=dtype, device=device)
-    infinity = torch.full((), torch.inf, dtype=dtype, device=device)  # a fill kernel: capturable, unlike a copy
 
+    if fused:
+        # Every pick reads and writes all of W (rows not written yet are zero), so that its shapes, and
+        # with them the one compiled function, are the same at every step.
+        _copy_rows(w_ext, torch.zeros(1, m, dtype=dtype, device=device).expand(k, m))
+        step = torch.zeros((), dtype=torch.long, device=device)
+        pick = _compiled_pick()
+        for _ in range(k):
+            pick(table, alpha_ext, cap, step, score_floor, n, k, nonnegative)
+    else:
+        _eager_picks(table, alpha_ext, cap, score_floor, n, k, nonnegative)
+
+    # The picks, in order: cap holds -k, ..., -1 at them and +inf elsewhere.
+    indices = torch.topk(cap.squeeze(1), k, largest=False, sorted=True).indices
+    # L^T[i, j] = W[indices[j], i] is upper triangular (the solve reads only that half). Its diagonal holds
+    # sqrt(pivot), or exactly 0 for an atom without a direction; a unit pivot there gives that atom a
+    # coefficient of 0, since its z and its row of L^T are 0.
+    chol_t = w_ext.index_select(1, indices)
+    diag = chol_t.diagonal()
+    dependent = diag == 0
+    diag.masked_fill_(dependent, 1.0)
+    coef = torch.linalg.solve_triangular(chol_t, w_ext[:, n : n + 1], upper=True).squeeze(1)
+    if nonnegative:
+        coef = _nonnegative_refit(gram, target, indices, coef, dependent)
+    return indices, coef
+
+
+def _eager_picks(
+    table: Tensor, alpha_ext: Tensor, cap: Tensor, score_floor: Tensor, n: int, k: int, nonnegative: bool
+) -> None:
+    """The ``k`` picks of the greedy loop, one ATen operator at a time (about a dozen per pick)."""
+    m = table.shape[1]
+    w_ext = table[m : m + k]
+    # Views of every row of W (and of its z entry), made in one call each rather than one per step.
+    w_views = w_ext.unsqueeze(2).unbind(0)  # [m, 1]: column s of W, z[s], zeros
+    z_views = w_ext[:, n : n + 1].unsqueeze(1).unbind(0)  # [1, 1]: z[s]
+    alpha = alpha_ext[:n]
+    infinity = torch.full((), torch.inf, dtype=table.dtype, device=table.device)  # capturable, unlike a copy
     for s in range(k):
         score = alpha.clamp(min=score_floor) if nonnegative else alpha.abs().clamp_(min=score_floor)
         lam = torch.fmin(score, cap).argmax()  # 0-dim; ties go to the lowest index
@@ -249,19 +293,33 @@ def _omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool) -> tuple[
         torch.mul(fresh, inv_sqrt, out=w_views[s])
         alpha_ext.addcmul_(w_views[s], z_views[s], value=-1)
 
-    # The picks, in order: cap holds -k, ..., -1 at them and +inf elsewhere.
-    indices = torch.topk(cap.squeeze(1), k, largest=False, sorted=True).indices
-    # L^T[i, j] = W[indices[j], i] is upper triangular (the solve reads only that half). Its diagonal holds
-    # sqrt(pivot), or exactly 0 for an atom without a direction; a unit pivot there gives that atom a
-    # coefficient of 0, since its z and its row of L^T are 0.
-    chol_t = w_ext.index_select(1, indices)
-    diag = chol_t.diagonal()
-    dependent = diag == 0
-    diag.masked_fill_(dependent, 1.0)
-    coef = torch.linalg.solve_triangular(chol_t, w_ext[:, n : n + 1], upper=True).squeeze(1)
-    if nonnegative:
-        coef = _nonnegative_refit(gram, target, indices, coef, dependent)
-    return indices, coef
+
+def _pick(
+    table: Tensor, alpha_ext: Tensor, cap: Tensor, step: Tensor, score_floor: Tensor, n: int, k: int, nonnegative: bool
+) -> None:
+    """One pick of the greedy loop, the same arithmetic as :func:`_eager_picks`, as one compilable function.
+
+    The step number is a device counter, so that every pick is the same function of the same shapes:
+    compiled once, its operators fuse into a few kernels.
+    """
+    m = table.shape[1]
+    alpha = alpha_ext[:n]
+    score = alpha.clamp(min=score_floor) if nonnegative else alpha.abs().clamp(min=score_floor)
+    lam = torch.fmin(score, cap).argmax().view(1)
+    cap.index_fill_(0, lam, (step - k).to(cap.dtype))
+    column = table.index_select(1, lam)
+    fresh = torch.addmm(column[:m], table[m : m + k].T, column[m : m + k], alpha=-1)
+    pivot = fresh.index_select(0, lam)
+    inv_sqrt = torch.where(pivot > column[m + k], pivot, torch.inf).rsqrt()
+    new = fresh * inv_sqrt  # column s of W, with z[s] at coordinate n
+    table[m : m + k].index_copy_(0, step.view(1), new.T)
+    alpha_ext.sub_(new * new[n])
+    step.add_(1)
+
+
+@functools.cache
+def _compiled_pick() -> Callable[..., None]:
+    return torch.compile(_pick, fullgraph=True, dynamic=False)
 
 
 def _nonnegative_refit(gram: Tensor, target: Tensor, indices: Tensor, coef: Tensor, dependent: Tensor) -> Tensor:

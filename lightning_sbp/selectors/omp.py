@@ -107,6 +107,9 @@ class OMPSelector(Selector):
         ridge: the ridge strength ``ρ >= 0`` relative to the mean squared gradient norm; ``0`` is plain
             least squares.
         max_weight: the bound on every ``|w_i|``, at least 1 (uniform weights must satisfy it).
+        fused: run each greedy pick as one ``torch.compile``-d function, a few fused kernels instead of
+            about a dozen (see :func:`~lightning_sbp.functional.omp_gram`). For GPUs at large ``k``;
+            the first step of each batch size compiles.
 
     Raises:
         ValueError: for a value of an argument outside the allowed ones.
@@ -123,6 +126,7 @@ class OMPSelector(Selector):
         ridge: float = 0.0,
         max_weight: float = DEFAULT_MAX_WEIGHT,
         sketch_dim: int | None = None,
+        fused: bool = False,
     ) -> None:
         if weights not in get_args(Weighting):
             raise ValueError(f"weights must be one of {', '.join(map(repr, get_args(Weighting)))}; got {weights!r}")
@@ -130,6 +134,8 @@ class OMPSelector(Selector):
             raise ValueError(f"dtype must be one of {', '.join(map(repr, get_args(GramDtype)))}; got {dtype!r}")
         if not isinstance(nonnegative, bool):
             raise ValueError(f"nonnegative must be True or False, got {nonnegative!r}")
+        if not isinstance(fused, bool):
+            raise ValueError(f"fused must be True or False, got {fused!r}")
         if sketch_dim is not None and (
             isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim < 1
         ):
@@ -144,6 +150,7 @@ class OMPSelector(Selector):
         self.ridge = float(ridge)
         self.max_weight = float(max_weight)
         self.sketch_dim = sketch_dim
+        self.fused = fused
         self._fallbacks: Tensor | None = None
 
     def select(self, scores: Scores, k: int, generator: torch.Generator) -> Selection:
@@ -154,7 +161,7 @@ class OMPSelector(Selector):
         if self.ridge > 0:
             gram = gram.clone()  # the scores cache the plain Gram matrix
             gram.diagonal().add_(gram.diagonal().mean() * self.ridge)
-        indices, coef = omp_gram(gram, target, k, nonnegative=self.nonnegative)
+        indices, coef = omp_gram(gram, target, k, nonnegative=self.nonnegative, fused=self.fused)
         weights, fell_back = bounded_weights(coef, k, self.weights, self.max_weight)
         fallbacks = self._fallback_count(weights.device).add_(fell_back)
         stats = {
