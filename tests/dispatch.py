@@ -124,8 +124,9 @@ _GENERATED_LAUNCH = re.compile(r"^\s+(cpp_fused_\w+|triton_\w+\.run|extern_kerne
 
 def generated_launches(code: str) -> int:
     """How many kernels one run of a function compiled by ``torch.compile`` launches, from its generated code."""
-    header, _, rest = code[code.index("def call(") :].partition("\n")
+    start = code.index("def call(")
+    rest = code[start:].partition("\n")[2]
     # The function ends at the first line indented no more than its ``def``.
-    indent = len(code[: code.index("def call(")].rpartition("\n")[2])
+    indent = len(code[:start].rpartition("\n")[2])
     end = re.search(rf"^ {{0,{indent}}}\S", rest, re.M)
     return len(_GENERATED_LAUNCH.findall(rest[: end.start() if end else None]))

@@ -498,6 +498,7 @@ def test_bad_constructor_arguments_raise_value_error(name: str, kwargs: dict[str
 
 def test_repr_shows_the_arguments() -> None:
     assert repr(LossSelector(history=8, beta=2.0)) == "LossSelector(history=8, beta=2.0)"
-    assert repr(OMPSelector(weights="raw", ridge=0.5)) == (
-        "OMPSelector(weights='raw', nonnegative=False, dtype='float32', ridge=0.5, max_weight=8.0, sketch_dim=None)"
+    assert repr(OMPSelector(weights="raw", ridge=0.5, fused=True)) == (
+        "OMPSelector(weights='raw', nonnegative=False, dtype='float32', ridge=0.5, max_weight=8.0, sketch_dim=None, "
+        "fused=True)"
     )
