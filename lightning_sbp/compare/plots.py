@@ -5,8 +5,8 @@
 - ``grad_error.png``: per epoch, the mean gradient-approximation error of each selector with the
   closed-form error of a random subset of the same size (dotted), and their ratio.
 
-Lines are means over seeds; bands span one standard deviation either side, as every legend
-says. The y-axis is fitted to the lines, so one diverged seed's wide band does not flatten the
+Lines are means over seeds; bands span one standard deviation either side, as the legend beside
+the panels says. The y-axis is fitted to the lines, so one diverged seed's wide band does not flatten the
 others (its band is cut at the edge). Drawn with matplotlib's Agg backend (no display needed).
 """
 
@@ -66,13 +66,22 @@ def plot_all(
 
     seeds = sorted({len(row.run_ids) for row in rows})
     band = Patch(color="grey", alpha=0.25, label=_band_label(seeds))
-
-    def finish(axis: Any) -> None:
-        handles, _ = axis.get_legend_handles_labels()
-        axis.legend(handles=[*handles, band] if max(seeds, default=1) > 1 else handles, fontsize="small")
-        _fit_to_lines(axis)
-
     written: list[Path] = []
+
+    def save(figure: Any, name: str) -> None:
+        """One legend for every panel, beside them, where it hides no line; then the file."""
+        entries: dict[str, Any] = {}
+        for axis in figure.axes:
+            for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+                entries.setdefault(label, handle)
+        handles = [*entries.values(), band] if max(seeds, default=1) > 1 else list(entries.values())
+        figure.tight_layout()
+        figure.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+        path = directory / name
+        figure.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(figure)
+        written.append(path)
+
     for name, x_key, x_label in (
         ("accuracy_vs_time.png", "train_seconds", "training wall-clock time (s, validation excluded)"),
         ("accuracy_vs_examples.png", "examples_backpropagated", "examples backpropagated"),
@@ -90,12 +99,8 @@ def plot_all(
             axis.set_xlabel(x_label)
             axis.set_ylabel(f"validation {metric}")
             axis.grid(alpha=0.3)
-            finish(axis)
-        figure.tight_layout()
-        path = directory / name
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        written.append(path)
+            _fit_to_lines(axis)
+        save(figure, name)
 
     selective = [row for row in rows if row.grad_error is not None]
     (directory / "grad_error.png").unlink(missing_ok=True)  # an earlier grid's would no longer match
@@ -120,12 +125,8 @@ def plot_all(
             bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
             for axis in (top, bottom):
                 axis.grid(alpha=0.3)
-                finish(axis)
-        figure.tight_layout()
-        path = directory / "grad_error.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        written.append(path)
+                _fit_to_lines(axis)
+        save(figure, "grad_error.png")
     return written
 
 
