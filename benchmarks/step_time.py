@@ -12,6 +12,14 @@ scoring pass (bf16, downscaled inputs, stale scores) can take it above 1. Random
 tracking off reads no score and runs no scoring pass (the ``no scoring pass`` row): its ideal is
 ``T_full(N) / T_full(k)``.
 
+Each selector runs with gradient-error tracking off, at its default (``+grad_error``: the timed steps
+do not measure, since only the dropped first step of a fit does) and measuring on every step
+(``+grad_error every step``); the tracking table compares them within each round and amortises a
+measuring step over the default ``grad_error_every``. The cheaper scoring rows (``score bf16``,
+``score_scale 0.5``, ``stale scores``: cache hits on the second epoch) are set against
+full-precision scoring in a last table, by the time a step spends beyond a full step on ``k``.
+``omp ... fused`` selects with ``OMPSelector(fused=True)``.
+
 The ``peer`` row trains the same model with the loss-based selection that Composer documents for
 its ``select_using_loss``: a forward over the whole batch without a graph in train mode, loss
 percentiles raised to ``1/keep - 1``, ``k`` indices drawn on the host with NumPy, then a training
@@ -46,6 +54,7 @@ from lightning_sbp import SelectiveBackprop, available_selectors, get_selector
 from lightning_sbp.functional import subset_size
 from lightning_sbp.recipes import ImageClassifier
 from lightning_sbp.scoring import has_batch_norm, scoring_mode
+from lightning_sbp.selectors.omp import OMPSelector
 
 
 class RandomImages(Dataset):
@@ -185,6 +194,12 @@ def build_rows(batch: int, keeps: list[float], selectors: list[str], minimum: in
             Row(f"loss keep={keep} score bf16", batch, keep, sbp("loss", keep, score_precision="bf16", **quiet)),
             Row(f"loss keep={keep} score_scale 0.5", batch, keep, sbp("loss", keep, score_scale=0.5, **quiet)),
             *tracking_rows(f"loss keep={keep} stale scores (cache hits)", batch, keep, "loss", stale_epochs=1),
+            Row(
+                f"omp keep={keep} fused",
+                batch,
+                keep,
+                lambda: SelectiveBackprop(OMPSelector(fused=True), keep=keep, track_grad_error=False),
+            ),
             Row(f"peer loss selection keep={keep}", batch, keep, model="peer"),
         ]
     return rows

@@ -1,14 +1,42 @@
 """Selective Backprop for PyTorch Lightning.
 
 Forward every example of a batch, backpropagate only a selected, possibly weighted, subset.
+
+The public names load their modules (and with them torch and Lightning) when first read, so that
+``import lightning_sbp`` alone, as the ``lightning-sbp`` command does before it knows its
+subcommand, costs nothing.
 """
 
-from lightning_sbp.callback import SelectiveBackprop
-from lightning_sbp.mixin import SelectiveBackpropMixin
-from lightning_sbp.schedule import Schedule
-from lightning_sbp.selectors import Scores, Selection, Selector, available_selectors, get_selector, register_selector
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_sbp.callback import SelectiveBackprop
+    from lightning_sbp.mixin import SelectiveBackpropMixin
+    from lightning_sbp.schedule import Schedule
+    from lightning_sbp.selectors import (
+        Scores,
+        Selection,
+        Selector,
+        available_selectors,
+        get_selector,
+        register_selector,
+    )
 
 __version__ = "0.1.0"
+
+_HOMES = {
+    "SelectiveBackprop": "lightning_sbp.callback",
+    "SelectiveBackpropMixin": "lightning_sbp.mixin",
+    "Schedule": "lightning_sbp.schedule",
+    **dict.fromkeys(
+        ("Scores", "Selection", "Selector", "available_selectors", "get_selector", "register_selector"),
+        "lightning_sbp.selectors",
+    ),
+}
+"""Each public name and the module that defines it."""
 
 __all__ = [
     "Schedule",
@@ -22,3 +50,17 @@ __all__ = [
     "get_selector",
     "register_selector",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first access, then keep the name here."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'lightning_sbp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})

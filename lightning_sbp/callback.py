@@ -392,7 +392,7 @@ class SelectiveBackprop(BatchAdapter, Callback):
         started = time.perf_counter()
         scores: Scores | None
         if self.selector.needs_scores:
-            scores, cheap = self._scores(pl_module, batch)
+            scores, cheap = self._scores(pl_module, batch, self.selector.needs_last_layer or self._measurement_due()[0])
         elif self._measurement_due()[0]:
             # A selector that reads no score (random) scores only the steps that measure the gradient errors.
             scores, cheap = self._scores_for_tracking(pl_module, batch), False
@@ -423,8 +423,12 @@ class SelectiveBackprop(BatchAdapter, Callback):
             "batch. Use larger batches or a smaller keep."
         )
 
-    def _scores(self, pl_module: pl.LightningModule, batch: Any) -> tuple[Scores, bool]:
-        """The batch's scores as the options make them (cached, rescaled, lower precision), and whether they are."""
+    def _scores(self, pl_module: pl.LightningModule, batch: Any, last_layer: bool) -> tuple[Scores, bool]:
+        """The batch's scores as the options make them (cached, rescaled, lower precision), and whether they are.
+
+        ``last_layer`` asks for the final layer's features and logit gradients, when the selector or a
+        measurement of the gradient errors reads them on this step.
+        """
         cache, epoch, trainer = self.score_cache, pl_module.current_epoch, pl_module.trainer
         indices = None
         if cache is not None:
@@ -434,7 +438,7 @@ class SelectiveBackprop(BatchAdapter, Callback):
             cached = cache.lookup_on_every_rank(indices, epoch, trainer)
             if cached is not None:
                 return cached, True
-        scores = self.scorer.score_cheaply(pl_module, batch, self)
+        scores = self.scorer.score_cheaply(pl_module, batch, self, last_layer)
         if cache is not None and indices is not None:
             cache.store_from_every_rank(indices, scores, epoch, trainer)
         return scores, self.scorer.cheap

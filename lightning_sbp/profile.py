@@ -354,8 +354,8 @@ class _StepVariant(Callback):
 
 
 def _scoring_pass(module: pl.LightningModule, batch: Any, options: SelectiveBackprop) -> None:
-    """The scoring forward the callback runs, with its mode, precision and input scale."""
-    options.scorer.score_cheaply(module, batch, options)
+    """The scoring forward the callback runs on a step that does not measure, with its mode, precision and scale."""
+    options.scorer.score_cheaply(module, batch, options, options.selector.needs_last_layer)
 
 
 def _synchronize(device: torch.device) -> None:

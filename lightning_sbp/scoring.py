@@ -368,20 +368,28 @@ class Scorer:
             return pl_module.sbp_forward, pl_module.sbp_loss
         return functools.partial(default_forward, pl_module), self.loss_fn or per_example_cross_entropy
 
-    def score_cheaply(self, pl_module: pl.LightningModule, batch: Any, batches: BatchAdapter) -> Scores:
+    def score_cheaply(
+        self, pl_module: pl.LightningModule, batch: Any, batches: BatchAdapter, last_layer: bool = True
+    ) -> Scores:
         """Scores at the configured precision and scale; ``batches.scale_inputs`` downscales the batch."""
         scaled = batches.scale_inputs(batch, self.scale) if self.scale < 1.0 else batch
         dtype = SCORE_DTYPES[self.precision]
         with torch.autocast(pl_module.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
-            return self.score(pl_module, scaled)
+            return self.score(pl_module, scaled, last_layer)
 
-    def score(self, pl_module: pl.LightningModule, batch: Any) -> Scores:
+    def score(self, pl_module: pl.LightningModule, batch: Any, last_layer: bool = True) -> Scores:
         """Scores of every example of ``batch`` under the current precision, with the last layer when captured.
+
+        Args:
+            pl_module: the module to score with.
+            batch: the batch, as the training step receives it.
+            last_layer: capture the final layer's features and logit gradients (when a layer was found at
+                setup); ``False`` when nothing on this step reads them, which spares their cost.
 
         Raises:
             ScoringError: at the first pass, when the default forward cannot read the batch or call ``forward``.
         """
-        capture = self.capture
+        capture = self.capture if last_layer else None
         with (
             untouched_rng(pl_module.device),
             self.buffers.untouched(pl_module),

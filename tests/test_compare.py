@@ -175,7 +175,7 @@ def test_a_second_invocation_trains_nothing_and_a_lost_record_is_trained_again(
         (["--lr", "omp=0.1"], "not in the grid's methods"),
         (["--set", "trainer.max_epochs=3"], "holds runs of a different base configuration"),
         (["--base", str(ROOT / "examples" / "configs" / "digits_omp.yaml")], "already has a SelectiveBackprop"),
-        (["--set", "model.init_args.no_such_argument=1"], "base configuration"),
+        (["--set", "model.init_args.lrr=0.1"], "unknown argument 'lrr'; did you mean 'lr'? accepted arguments: "),
         (["--set", "data.init_args.label_noise=2"], "label_noise must be a fraction in [0, 1]"),
     ],
     ids=[

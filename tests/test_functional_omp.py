@@ -344,6 +344,20 @@ def test_replayed_runner_reuses_its_buffers_and_matches_eager() -> None:
     assert (runner.gram.data_ptr(), runner.indices.data_ptr()) == buffers
 
 
+def test_replayed_runner_replays_the_fused_picks() -> None:
+    # The CUDA-graph path with fused=True, captured (here: run) through the same runner: its compiled
+    # picks write into the runner's static buffers like the eager ones.
+    runner = omp_module._ReplayedOMP(
+        40, 12, torch.float32, False, True, torch.device("cpu"), capture=lambda run, device: run() or run
+    )
+    for gram, target in _hard_problems(40):
+        indices, coef = runner(gram, target)
+        expected = omp_gram(gram, target, 12)
+        assert torch.equal(indices, expected[0])
+        finite = expected[1].isfinite()
+        torch.testing.assert_close(coef[finite], expected[1][finite], rtol=1e-4, atol=1e-5)
+
+
 def test_cuda_graph_capture_warms_up_on_a_side_stream_then_captures_once(monkeypatch: pytest.MonkeyPatch) -> None:
     events: list[str] = []
 

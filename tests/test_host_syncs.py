@@ -43,6 +43,7 @@ class StepSyncs(pl.Callback):
 
     def __init__(self) -> None:
         self.per_step: list[Counter[str]] = []
+        self.kernels: list[Counter[str]] = []
         self._recorder: DispatchRecorder | None = None
 
     def on_train_batch_start(self, *args: Any) -> None:
@@ -53,6 +54,7 @@ class StepSyncs(pl.Callback):
         assert self._recorder is not None
         self._recorder.__exit__(None, None, None)
         self.per_step.append(self._recorder.host_syncs())
+        self.kernels.append(Counter(call.op for call in self._recorder.calls if call.launches_kernel))
         self._recorder = None
 
     def after_warm_up(self) -> list[Counter[str]]:
@@ -133,3 +135,24 @@ def test_selectors_make_no_host_syncs(selector: str) -> None:
     with DispatchRecorder() as recorder:
         chosen.select(Scores(losses, logits, grads, features), 8, generator)
     assert recorder.host_syncs() == {}
+
+
+@pytest.mark.parametrize("selector", SELECTORS)
+@pytest.mark.parametrize("option", ["defaults", "stale scores"])
+def test_steps_that_do_not_measure_launch_what_untracked_steps_launch(selector: str, option: str) -> None:
+    # With the default grad_error_every only the first selective step of these fits measures, and it is
+    # the warm-up: every later step must cost what it costs with tracking off, operator for operator.
+    # This is the part of tracking's price that timings on a shared machine cannot resolve.
+    options = OPTIONS[option]
+    epochs = 2 if "stale_epochs" in options else 1
+    runs = [
+        _fit(
+            SmallCNN(),
+            _images(),
+            SelectiveBackprop(selector, keep=0.5, track_grad_error=track, **options),
+            epochs=epochs,
+        )
+        for track in (True, False)
+    ]
+    tracked, untracked = ([kernels for step, kernels in enumerate(run.kernels) if step % STEPS] for run in runs)
+    assert tracked == untracked

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+import lightning_sbp
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_sbp"
 # The layers that know nothing above them, and what each may import from the package besides itself.
@@ -137,3 +141,28 @@ def test_lower_layers_import_nothing_above_them(layer: str) -> None:
         if not any(within(target, ok) for ok in allowed)
     }
     assert not above, f"{layer} imports from above it: {sorted(above)}"
+
+
+def test_importing_the_package_loads_neither_torch_nor_lightning() -> None:
+    # What `lightning-sbp --help` pays before it knows its subcommand.
+    program = (
+        "import sys, lightning_sbp, lightning_sbp.entry\n"
+        "heavy = sorted(name for name in ('torch', 'lightning', 'lightning_sbp.callback') if name in sys.modules)\n"
+        "print(lightning_sbp.__version__, heavy)"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == [lightning_sbp.__version__, "[]"]
+
+
+def test_every_public_name_resolves_from_its_home() -> None:
+    import lightning_sbp.callback
+    import lightning_sbp.selectors
+
+    assert lightning_sbp.SelectiveBackprop is lightning_sbp.callback.SelectiveBackprop
+    assert lightning_sbp.get_selector is lightning_sbp.selectors.get_selector
+    assert sorted(lightning_sbp._HOMES) == sorted(set(lightning_sbp.__all__) - {"__version__"})
+    for name in lightning_sbp.__all__:
+        assert getattr(lightning_sbp, name) is not None
+        assert name in dir(lightning_sbp)
+    with pytest.raises(AttributeError, match="no attribute 'SelectiveBackProp'"):
+        _ = lightning_sbp.SelectiveBackProp  # type: ignore[attr-defined]
