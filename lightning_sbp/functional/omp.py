@@ -89,8 +89,11 @@ def omp_gram(
         fused: run each pick as one function compiled by ``torch.compile`` (Triton kernels on a GPU,
             C++ on the CPU), which fuses its dozen operators into a few kernels. The first call for a
             shape compiles, which takes seconds to a minute; later calls, and on CUDA the replays of
-            the captured graph, launch the fused kernels. Worth it on accelerators when ``k`` is in the
-            hundreds; on the CPU the eager loop is as fast.
+            the captured graph, launch the fused kernels. Each compiled pick reads all of ``W`` (the
+            eager loop only the columns written so far), twice the arithmetic, so that its shapes
+            never change. Meant for accelerators when ``k`` is in the hundreds; on the CPU the eager
+            loop is two to four times faster. Needs what ``torch.compile`` needs: Triton on a GPU, a
+            C++ compiler on the CPU.
 
     Returns:
         ``(indices, coef)``: ``indices`` a ``long`` tensor ``[k]`` of distinct atom indices in the order

@@ -108,8 +108,8 @@ class OMPSelector(Selector):
             least squares.
         max_weight: the bound on every ``|w_i|``, at least 1 (uniform weights must satisfy it).
         fused: run each greedy pick as one ``torch.compile``-d function, a few fused kernels instead of
-            about a dozen (see :func:`~lightning_sbp.functional.omp_gram`). For GPUs at large ``k``;
-            the first step of each batch size compiles.
+            about a dozen (see :func:`~lightning_sbp.functional.omp_gram`). For GPUs at large ``k``
+            (slower on the CPU); the first step of each batch size compiles.
 
     Raises:
         ValueError: for a value of an argument outside the allowed ones.
