@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_sbp import SelectiveBackprop, available_selectors, get_selector
 from lightning_sbp.functional import subset_size
 from lightning_sbp.recipes import ImageClassifier
-from lightning_sbp.scoring import has_batch_norm, scoring_mode
+from lightning_sbp.scoring import cpu_has_fast_kernels, has_batch_norm, scoring_mode
 from lightning_sbp.selectors.omp import OMPSelector
 
 
@@ -288,6 +288,10 @@ def main(argv: list[str] | None = None) -> None:
     models: dict[str, pl.LightningModule] = {"shared": ImageClassifier(**options)}
     minimum = 2 if has_batch_norm(models["shared"]) else 1
     rows = select_rows(build_rows(args.batch_size, args.keeps, args.selectors, minimum, not args.no_extras), args.only)
+    if args.only is None and args.accelerator == "cpu" and cpu_has_fast_kernels(torch.bfloat16) is False:
+        # About a minute a step on such a CPU: only when asked for by name.
+        rows = [row for row in rows if "bf16" not in row.label]
+        print("The bf16 row is left out: this CPU has no fast bfloat16 kernels. --only bf16 times it anyway.")
     models["peer"] = PeerLossSelection(min(args.keeps), **options)
     models["peer"].load_state_dict(models["shared"].state_dict())
     images = RandomImages(args.batch_size * args.steps, args.image_size, 10)
