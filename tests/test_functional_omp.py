@@ -344,6 +344,17 @@ def test_replayed_runner_reuses_its_buffers_and_matches_eager() -> None:
     assert (runner.gram.data_ptr(), runner.indices.data_ptr()) == buffers
 
 
+def test_fused_falls_back_to_the_eager_loop_under_a_dispatch_mode() -> None:
+    # torch.compile cannot run under a dispatch mode (FlopCounterMode, an operator recorder); the eager
+    # loop runs instead, operator by operator, with the same picks.
+    gram, target = next(_hard_problems(40))
+    with DispatchRecorder() as recorder:
+        indices, coef = omp_gram(gram, target, 12, fused=True)
+    expected = omp_gram(gram, target, 12)
+    assert torch.equal(indices, expected[0]) and torch.equal(coef, expected[1])
+    assert sum(call.op == "aten.argmax" for call in recorder.calls) == 12
+
+
 def test_replayed_runner_replays_the_fused_picks() -> None:
     # The CUDA-graph path with fused=True, captured (here: run) through the same runner: its compiled
     # picks write into the runner's static buffers like the eager ones.

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ["omp_gram"]
 
@@ -93,7 +94,8 @@ def omp_gram(
             eager loop only the columns written so far), twice the arithmetic, so that its shapes
             never change. Meant for accelerators when ``k`` is in the hundreds; on the CPU the eager
             loop is two to four times faster. Needs what ``torch.compile`` needs: Triton on a GPU, a
-            C++ compiler on the CPU.
+            C++ compiler on the CPU. Under a ``TorchDispatchMode`` (a FLOP counter, say), which
+            ``torch.compile`` does not support, the eager loop runs instead.
 
     Returns:
         ``(indices, coef)``: ``indices`` a ``long`` tensor ``[k]`` of distinct atom indices in the order
@@ -238,7 +240,9 @@ def _omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool, fused: bo
     # drops a NaN score to the cap.
     cap = torch.full((n, 1), torch.inf, dtype=dtype, device=device)
 
-    if fused:
+    # torch.compile refuses to run under a dispatch mode (a FLOP counter, an operator recorder): the
+    # eager loop then runs, with the same results.
+    if fused and _get_current_dispatch_mode() is None:
         # Every pick reads and writes all of W (rows not written yet are zero), so that its shapes, and
         # with them the one compiled function, are the same at every step.
         _copy_rows(w_ext, torch.zeros(1, m, dtype=dtype, device=device).expand(k, m))
