@@ -47,6 +47,7 @@ __all__ = [
     "main",
     "plain_text",
     "unknown_argument_summary",
+    "wrong_type_summary",
 ]
 
 COMMANDS = ("fit", "validate", "test")
@@ -64,6 +65,10 @@ _INTERPRETED = re.compile(r"`(?P<text>[^`]+)`")
 _UNKNOWN_KEY = re.compile(r"Option '(?P<key>[^']+)' is not accepted|No action for key \"(?P<old_key>[^\"]+)\" to check")
 _CLASS_PATH = re.compile(r"class_path '(?P<path>[\w.]+)'")
 _PARSER_KEY = re.compile(r'Parser key "(?P<key>[^"]+)"')
+_WRONG_TYPE = re.compile(
+    r"class_path '(?P<path>[\w.]+)':\s*Parser key \"(?P<key>[^\"]+)\":\s*"
+    r"Expected a <class '(?P<type>[\w.]+)'>\. Got value: (?P<value>[^\n]*)"
+)
 
 
 def plain_text(text: str) -> str:
@@ -116,10 +121,11 @@ class SelectiveBackpropParser(LightningArgumentParser):
 
     def error(self, message: str, *args: Any, **kwargs: Any) -> NoReturn:
         """Report ``message``, or a one-line summary of it when it is about an unknown argument of a class."""
-        summary = unknown_argument_summary(message) if self.exit_on_error else None
-        if summary is None:  # also for nested parsers, which raise to the parser above them
+        if not self.exit_on_error:  # nested parsers raise to the parser above them
             super().error(message, *args, **kwargs)
-        sys.stderr.write(f"error: {summary}\n")
+        # The usage block of every option would bury the one line that matters; --help prints it.
+        summary = unknown_argument_summary(message) or wrong_type_summary(message)
+        sys.stderr.write(f"error: {summary or message.strip()}\n")
         self.exit(2)
 
 
@@ -149,11 +155,35 @@ def unknown_argument_summary(message: str) -> str | None:
         for name, parameter in inspect.signature(cls).parameters.items()
         if parameter.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     ]
+    # A known key with a value of the wrong type reaches the same message, through the base class of
+    # the argument (``lightning.Callback``): jsonargparse's own message then says more than a guess.
+    if key in accepted or not accepted:
+        return None
     where = _PARSER_KEY.search(message)
     text = f"{where['key'] + ' ' if where else ''}({class_path}): unknown argument {key!r}"
     closest = difflib.get_close_matches(key, accepted, n=1)
     hint = f"; did you mean {closest[0]!r}?" if closest else ";"
     return f"{text}{hint} accepted arguments: {', '.join(accepted)}"
+
+
+def wrong_type_summary(message: str) -> str | None:
+    """One line for a jsonargparse error about a value of the wrong type for an argument of a class.
+
+    Args:
+        message: the error message of jsonargparse.
+
+    Returns:
+        ``"<where> (<class path>): <key> expects a <type>, got <value>"``, or ``None`` when the message
+        is about something else.
+    """
+    wrong = _WRONG_TYPE.search(message)
+    if wrong is None:
+        return None
+    where = _PARSER_KEY.search(message)
+    return (
+        f"{where['key'] + ' ' if where else ''}({wrong['path']}): {wrong['key']} expects a {wrong['type']}, "
+        f"got {wrong['value'].strip()!r}"
+    )
 
 
 class SelectiveBackpropCLI(LightningCLI):

@@ -143,6 +143,10 @@ def test_fit_digits_for_one_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         (["--trainer.callbacks.init_args.selector=nope"], ["unknown selector 'nope'", "random", "topk"]),
         (["--trainer.callbacks.init_args.keep=0"], ["keep", "(0, 1]"]),
         (["--trainer.callbacks.init_args.keep=1.5"], ["keep", "(0, 1]"]),
+        (
+            ["--trainer.callbacks.init_args.keep=abc"],
+            ["(lightning_sbp.SelectiveBackprop): keep expects a float, got 'abc'"],
+        ),
         (["--trainer.callbacks.init_args.start=0.5", "--trainer.callbacks.init_args.end=0.5"], ["start < end"]),
     ],
 )
@@ -155,8 +159,10 @@ def test_configuration_errors_stop_before_anything_is_built(
     monkeypatch.setattr(ImageClassifier, "__init__", untouchable)
     monkeypatch.setattr(DigitsDataModule, "setup", untouchable)
     assert run(["fit", "--config", str(CONFIGS / "digits_random.yaml"), *override]) == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("error: trainer.callbacks[0]")
+    err = capsys.readouterr().err
+    error = err.strip().splitlines()[-1]
+    assert error.startswith("error: trainer.callbacks")
+    assert "usage:" not in err and err.count("error:") == 1  # the error, not the usage of every option
     for text in expected:
         assert text in error
 
@@ -404,3 +410,6 @@ def test_unknown_argument_summary_reads_either_jsonargparse_wording(unknown: str
     )
     assert cli.unknown_argument_summary(message.replace("lightning_sbp.SelectiveBackprop", "not.a.Class")) is None
     assert cli.unknown_argument_summary('Parser key "trainer.max_epochs": Expected an int') is None
+    # A known argument with a value of the wrong type is not an unknown argument of the base class.
+    wrong_type = message.replace("kepp", "keep").replace("lightning_sbp.SelectiveBackprop", "lightning.Callback")
+    assert cli.unknown_argument_summary(wrong_type) is None
