@@ -496,6 +496,13 @@ def test_bad_constructor_arguments_raise_value_error(name: str, kwargs: dict[str
         get_selector(name, **kwargs)
 
 
+def test_a_misspelled_selector_argument_names_the_closest_one() -> None:
+    with pytest.raises(ValueError, match="LossSelector has no argument 'histroy'; did you mean 'history'?"):
+        get_selector("loss", histroy=8)
+    with pytest.raises(ValueError, match=r"RandomSelector has no argument 'zzz'; its arguments: none"):
+        get_selector("random", zzz=1)
+
+
 def test_repr_shows_the_arguments() -> None:
     assert repr(LossSelector(history=8, beta=2.0)) == "LossSelector(history=8, beta=2.0)"
     assert repr(OMPSelector(weights="raw", ridge=0.5, fused=True)) == (

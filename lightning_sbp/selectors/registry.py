@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -49,7 +51,8 @@ def get_selector(name: str, **kwargs: Any) -> Selector:
         **kwargs: passed to the selector's constructor.
 
     Raises:
-        ValueError: for an unknown name, listing the registered ones.
+        ValueError: for an unknown name, listing the registered ones, or for an argument the selector's
+            constructor does not take, with the closest one it takes.
     """
     try:
         cls = _REGISTRY[name]
@@ -57,4 +60,13 @@ def get_selector(name: str, **kwargs: Any) -> Selector:
         raise ValueError(
             f"unknown selector {name!r}; registered selectors: {', '.join(available_selectors())}"
         ) from None
+    parameters = inspect.signature(cls).parameters
+    if not any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+        for key in kwargs:
+            if key not in parameters:
+                closest = difflib.get_close_matches(key, parameters, n=1)
+                hint = f"; did you mean {closest[0]!r}?" if closest else ";"
+                raise ValueError(
+                    f"{cls.__name__} has no argument {key!r}{hint} its arguments: {', '.join(parameters) or 'none'}"
+                )
     return cls(**kwargs)
