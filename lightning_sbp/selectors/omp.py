@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal, get_args
 
 import torch
@@ -151,6 +152,7 @@ class OMPSelector(Selector):
         self.max_weight = float(max_weight)
         self.sketch_dim = sketch_dim
         self.fused = fused
+        self._warned_cpu = False
         self._fallbacks: Tensor | None = None
 
     def select(self, scores: Scores, k: int, generator: torch.Generator) -> Selection:
@@ -161,6 +163,13 @@ class OMPSelector(Selector):
         if self.ridge > 0:
             gram = gram.clone()  # the scores cache the plain Gram matrix
             gram.diagonal().add_(gram.diagonal().mean() * self.ridge)
+        if self.fused and gram.device.type == "cpu" and not self._warned_cpu:
+            self._warned_cpu = True
+            warnings.warn(
+                "OMPSelector(fused=True) on the CPU: the compiled loop is two to four times slower than the "
+                "eager one there, and the first step of each batch size compiles it; fused is meant for GPUs",
+                stacklevel=2,
+            )
         indices, coef = omp_gram(gram, target, k, nonnegative=self.nonnegative, fused=self.fused)
         weights, fell_back = bounded_weights(coef, k, self.weights, self.max_weight)
         fallbacks = self._fallback_count(weights.device).add_(fell_back)
