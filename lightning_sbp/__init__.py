@@ -10,6 +10,8 @@ subcommand, costs nothing.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -53,14 +55,19 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """Import a public name's module on first access, then keep the name here."""
+    """Import a public name's module, or a subpackage (``lightning_sbp.recipes``), on first access."""
     home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'lightning_sbp' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
+    if home is not None:
+        value = getattr(importlib.import_module(home), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_HOMES})
+    """The public names, with the submodules imported so far."""
+    modules = {name for name, value in globals().items() if isinstance(value, types.ModuleType)}
+    return sorted({*__all__, *(modules - {"importlib", "types"})})

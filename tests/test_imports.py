@@ -166,3 +166,10 @@ def test_every_public_name_resolves_from_its_home() -> None:
         assert name in dir(lightning_sbp)
     with pytest.raises(AttributeError, match="no attribute 'SelectiveBackProp'"):
         _ = lightning_sbp.SelectiveBackProp  # type: ignore[attr-defined]
+    assert not {"Any", "TYPE_CHECKING", "annotations", "importlib"} & set(dir(lightning_sbp))
+
+
+def test_subpackages_load_on_first_access() -> None:
+    program = "import lightning_sbp; print(lightning_sbp.recipes.__name__, 'recipes' in dir(lightning_sbp))"
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["lightning_sbp.recipes", "True"]
