@@ -159,10 +159,12 @@ def run_fused(sizes: list[int], dtypes: list[torch.dtype], repeats: int, device:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024], help="N; k is N / 2")
     parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"], choices=["float64", "float32"])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=15, help="timed runs of each implementation per row")
     parser.add_argument("--device", default="cpu", help="device of omp_gram: cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-fused", action="store_true", help="skip the table of the compiled loop (fused=True)")
     args = parser.parse_args()

@@ -106,7 +106,7 @@ def machine(device: torch.device) -> str:
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
         names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
         cpu = names[0] if names else cpu
-    accelerator = "none"
+    accelerator = "none (CPU only)"
     if device.type != "cpu":
         accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
@@ -260,14 +260,16 @@ def time_no_grad_forward(model: pl.LightningModule, data: DataLoader, device: to
 
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print Markdown tables."""
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--keeps", type=float, nargs="+", default=[0.25, 0.5])
-    parser.add_argument("--selectors", nargs="+", default=available_selectors())
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--backbone", default="resnet18", help="backbone of the ImageClassifier recipe")
+    parser.add_argument("--batch-size", type=int, default=128, help="N, the examples scored per step")
+    parser.add_argument("--image-size", type=int, default=32, help="side of the random square images")
+    parser.add_argument("--keeps", type=float, nargs="+", default=[0.25, 0.5], help="keep fractions to time")
+    parser.add_argument("--selectors", nargs="+", default=available_selectors(), help="registered selectors to time")
     parser.add_argument("--steps", type=int, default=4, help="steps per configuration, epoch and round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; every configuration runs once per round")
     parser.add_argument(
         "--only",
         metavar="REGEX",
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         "(e.g. 'stale|omp keep=0.25')",
     )
     parser.add_argument("--no-extras", action="store_true", help="skip the cheaper-scoring and peer rows")
-    parser.add_argument("--accelerator", choices=["cpu", "gpu", "cuda", "mps"], default="cpu")
+    parser.add_argument("--accelerator", choices=["cpu", "gpu", "cuda", "mps"], default="cpu", help="Lightning's")
     parser.add_argument(
         "--devices", default="1", help="Lightning's devices, selecting one: '1' (the first), '3,' (device 3)"
     )
@@ -334,7 +336,11 @@ def print_tables(
     table compares rows within each round (``rounds``), so that a slow round slows both sides.
     """
     full, forward = median["full"], median["no-grad forward"]
-    print(f"full step {1e3 * full:.1f} ms; no-grad forward {1e3 * forward:.1f} ms\n")
+    on_k = "; ".join(
+        f"full step on k={k} {1e3 * median[f'full k={k}']:.1f} ms"
+        for k in sorted({subset_size(row.keep, batch, minimum) for row in rows if row.keep is not None})
+    )
+    print(f"full step {1e3 * full:.1f} ms; no-grad forward {1e3 * forward:.1f} ms; {on_k}\n")
     print("| configuration | step (ms) | speedup | ideal speedup | ratio |")
     print("|---|---:|---:|---:|---:|")
     for row in rows:
