@@ -225,11 +225,13 @@ def _compare(grid: Grid, args: argparse.Namespace) -> int:
     if single is not None and args.launcher is not None:
         raise GridError(f"--launcher applies to a whole grid; {single} runs in this process: leave out --launcher")
     launcher = make_launcher(args.launcher or "in-process", args.ray_address)
+    # The configuration first: a typo in an override is the error to report, even over an output
+    # directory whose runs it would not match.
+    base = inspect_base(grid)
     fingerprint = base_fingerprint(grid)
     check_output(grid, fingerprint)
     if args.report and not (grid.output / "compare.json").is_file():
         raise GridError(f"nothing to report: {str(grid.output)!r} holds no comparison yet (no compare.json)")
-    base = inspect_base(grid)
     runs = expand(grid, fingerprint, base.batch_size)
     if args.list_cells or args.dry_run:
         for index, run in enumerate(runs):
