@@ -25,7 +25,7 @@ FLOOR_VENV := .venv-floor
 FLOOR_STAMP := $(FLOOR_VENV)/.installed
 FLOOR_PINS := lightning==2.3.0 torchmetrics==1.0.0 'jsonargparse[signatures]==4.27.7' 'setuptools<81'
 FLOOR_TESTS := tests/test_callback.py tests/test_selectors.py tests/test_functional_*.py tests/test_metrics.py \
-	tests/test_schedule.py tests/test_imports.py
+	tests/test_schedule.py tests/test_imports.py tests/test_selection_step.py tests/test_mixed_precision.py
 
 $(FLOOR_STAMP): pyproject.toml
 	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
