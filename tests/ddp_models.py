@@ -311,11 +311,22 @@ def rank_scores(rank: int) -> tuple[Tensor, Scores]:
     return indices, scores
 
 
-def gather_worker(rank: int, world: int, port: int, out: str, capacity: int | None = None) -> None:
-    """Each rank gathers every rank's :func:`rank_scores` (padded to ``capacity`` if given) and saves what it got."""
+def gather_worker(
+    rank: int, world: int, port: int, out: str, capacity: int | None = None, storage: str | None = None
+) -> None:
+    """Each rank gathers every rank's :func:`rank_scores` (padded to ``capacity`` if given) and saves what it got.
+
+    With ``storage`` (a dtype name), only the losses and logit gradients travel, in that dtype, and the example
+    indices are beyond what any floating dtype holds exactly.
+    """
     from lightning_sbp.score_cache import gather_scores
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    torch.save(gather_scores(*rank_scores(rank), capacity=capacity), Path(out) / f"rank{rank}.pt")
+    indices, scores = rank_scores(rank)
+    options: dict[str, Any] = {}
+    if storage is not None:
+        indices = indices + 2**53 + 1
+        options = {"fields": ("losses", "logit_grads"), "dtype": getattr(torch, storage)}
+    torch.save(gather_scores(indices, scores, capacity=capacity, **options), Path(out) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()

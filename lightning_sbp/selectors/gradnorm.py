@@ -79,7 +79,7 @@ class GradNormSelector(Selector):
     def select(self, scores: Scores, k: int, generator: torch.Generator) -> Selection:
         """Draw ``k`` distinct examples with inclusion probabilities proportional to the gradient-norm bound."""
         features, logit_grads = scores.require_last_layer(type(self).__name__)
-        bound = gradient_norm_bound(features.detach().float(), logit_grads.detach().float(), bias=scores.bias)
+        bound = gradient_norm_bound(features.detach(), logit_grads.detach(), bias=scores.bias)
         finite = torch.isfinite(scores.losses) & torch.isfinite(bound)
         bound = torch.where(finite, bound, torch.zeros_like(bound))
         n = bound.shape[0]
@@ -167,7 +167,8 @@ def _systematic_sample(prob: Tensor, k: int, generator: torch.Generator) -> Tens
     device = prob.device
     order = torch.randperm(n, generator=generator, device=device)
     edges = torch.cumsum(prob[order], 0)
-    start = torch.rand(1, generator=generator, device=device, dtype=prob.dtype)
+    # Drawn in float32 whatever the dtype of the probabilities, so that a draw does not depend on it.
+    start = torch.rand(1, generator=generator, device=device).to(prob.dtype)
     steps = torch.arange(k, device=device)
     # Scaling the points to the actual total absorbs the rounding of the cumulative sum.
     points = (start + steps) * (edges[-1] / k)

@@ -111,6 +111,9 @@ class OMPSelector(Selector):
         fused: run each greedy pick as one ``torch.compile``-d function, a few fused kernels instead of
             about a dozen (see :func:`~lightning_sbp.functional.omp_gram`). For GPUs at large ``k``
             (slower on the CPU); the first step of each batch size compiles.
+        cuda_graph: on a GPU, replay the greedy loop as a CUDA graph, captured per batch size after two
+            eager steps; ``False`` launches its kernels one by one (for debugging, or a profiler that
+            needs every kernel).
 
     Raises:
         ValueError: for a value of an argument outside the allowed ones.
@@ -128,6 +131,7 @@ class OMPSelector(Selector):
         max_weight: float = DEFAULT_MAX_WEIGHT,
         sketch_dim: int | None = None,
         fused: bool = False,
+        cuda_graph: bool = True,
     ) -> None:
         if weights not in get_args(Weighting):
             raise ValueError(f"weights must be one of {', '.join(map(repr, get_args(Weighting)))}; got {weights!r}")
@@ -137,6 +141,8 @@ class OMPSelector(Selector):
             raise ValueError(f"nonnegative must be True or False, got {nonnegative!r}")
         if not isinstance(fused, bool):
             raise ValueError(f"fused must be True or False, got {fused!r}")
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
         if sketch_dim is not None and (
             isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim < 1
         ):
@@ -152,6 +158,7 @@ class OMPSelector(Selector):
         self.max_weight = float(max_weight)
         self.sketch_dim = sketch_dim
         self.fused = fused
+        self.cuda_graph = cuda_graph
         self._warned_cpu = False
         self._fallbacks: Tensor | None = None
 
@@ -170,7 +177,9 @@ class OMPSelector(Selector):
                 "eager one there, and the first step of each batch size compiles it; fused is meant for GPUs",
                 stacklevel=2,
             )
-        indices, coef = omp_gram(gram, target, k, nonnegative=self.nonnegative, fused=self.fused)
+        indices, coef = omp_gram(
+            gram, target, k, nonnegative=self.nonnegative, fused=self.fused, cuda_graph=self.cuda_graph
+        )
         weights, fell_back = bounded_weights(coef, k, self.weights, self.max_weight)
         fallbacks = self._fallback_count(weights.device).add_(fell_back)
         stats = {
