@@ -313,9 +313,9 @@ def test_a_directory_being_prepared_by_another_cell_is_accepted(tmp_path: Path) 
     [
         ("cpu", 1, None, True, {"num_cpus": 1.0, "num_gpus": 0.0}),
         ("cpu", 2, 3, False, {"num_cpus": 6.0, "num_gpus": 0.0}),
-        ("gpu", 2, None, False, {"num_cpus": 1.0, "num_gpus": 2.0}),
-        ("cuda", [0, 3], 4, True, {"num_cpus": 4.0, "num_gpus": 2.0}),
-        ("cuda", "0,1,", None, True, {"num_cpus": 1.0, "num_gpus": 2.0}),
+        ("gpu", 2, None, False, {"num_cpus": 2.0, "num_gpus": 2.0}),
+        ("cuda", [0, 3], 4, True, {"num_cpus": 8.0, "num_gpus": 2.0}),
+        ("cuda", "0,1,", None, True, {"num_cpus": 2.0, "num_gpus": 2.0}),
         ("auto", "1", None, True, {"num_cpus": 1.0, "num_gpus": 1.0}),
         ("auto", "auto", 2, False, {"num_cpus": 2.0, "num_gpus": 0.0}),
     ],
