@@ -139,7 +139,7 @@ def run_in_processes(job: ProcessJob, log: Path, threads: int | None, world_size
         return failures[0]
     if status == 0:
         return None
-    how = f"signal {signal.Signals(-status).name}" if status < 0 else f"exit status {status}"
+    how = f"signal {-status}" if status < 0 else f"exit status {status}"
     return RankFailure(
         rank=None,
         error=f"the cell's processes ended with {how} without saying why (killed for memory?); see {log}",
@@ -216,7 +216,7 @@ def _read_failures(folder: Path) -> Iterator[RankFailure]:
 def _environment(threads: int | None, world_size: int) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if name not in _RENDEZVOUS}
     env[_PARENT] = str(os.getpid())
-    env["PYTHONPATH"] = os.pathsep.join(entry or os.getcwd() for entry in sys.path)
+    env["PYTHONPATH"] = os.pathsep.join(str(entry) or os.getcwd() for entry in sys.path)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     elif env.get("OMP_NUM_THREADS", "").isdigit():  # e.g. Ray's, for the whole task
@@ -238,5 +238,8 @@ def _own_session(command: Sequence[str], output: Any, env: dict[str, str]) -> It
         yield process
     finally:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
+            if hasattr(os, "killpg"):
+                os.killpg(process.pid, signal.SIGKILL)
+            else:  # no sessions (Windows): the command alone
+                process.kill()
         process.wait()

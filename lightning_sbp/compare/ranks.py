@@ -4,7 +4,8 @@ Every process of the cell runs it: the first one, started by
 :func:`~lightning_sbp.compare.processes.run_in_processes`, and, for ``ddp``, each rank that
 Lightning starts by running the same command line again. It runs the pickled
 :class:`~lightning_sbp.compare.processes.ProcessJob` and, when that fails, writes which rank
-failed and why next to the job file. Nothing imports this module: it is only ever ``__main__``.
+failed and why next to the job file. It is run, never imported (the processes of ``ddp_spawn``
+load it as ``__mp_main__``, which runs nothing).
 """
 
 from __future__ import annotations
