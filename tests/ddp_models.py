@@ -165,6 +165,25 @@ class SaveAt(pl.Callback):
             trainer.save_checkpoint(self.path)
 
 
+class FailOnRank(pl.Callback):
+    """Raises on one rank at its second training batch, in fits that have a SelectiveBackprop callback.
+
+    Named in a comparison's configuration, it fails the selective runs of a grid mid-fit, on one
+    rank only, and leaves its ``full`` runs alone.
+    """
+
+    def __init__(self, rank: int = 1, message: str = "this rank fails on purpose") -> None:
+        self.rank = rank
+        self.message = message
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        selective = any(isinstance(callback, SelectiveBackprop) for callback in trainer.callbacks)  # type: ignore[attr-defined]
+        if selective and batch_idx == 1 and trainer.global_rank == self.rank:
+            raise RuntimeError(self.message)
+
+
 class GlooSyncBatchNorm(_BatchNorm):
     """Synchronised batch norm that runs on CPU: batch statistics summed over ranks with a differentiable all-reduce.
 

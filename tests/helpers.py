@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_sbp import SelectiveBackpropMixin
+from lightning_sbp.entry import main as cli_main
 
 
 def blobs(n: int = 256, classes: int = 4, size: int = 8, seed: int = 0) -> TensorDataset:
@@ -142,6 +143,15 @@ def trainer(**kwargs: Any) -> pl.Trainer:
     }
     options.update(kwargs)
     return pl.Trainer(**options)
+
+
+def compare(args: list[str]) -> int:
+    """Run ``lightning-sbp compare`` with ``args`` in this process; its exit status."""
+    try:
+        status = cli_main(["compare", *args])
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 1
+    return int(status or 0)
 
 
 def sequence_losses(module: Any, batch: Any) -> Tensor:

@@ -9,11 +9,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
+from helpers import compare
 
 from lightning_sbp.compare import FULL, SMALL_BATCH, Grid, GridError, expand
 from lightning_sbp.compare.report import format_mean_std
 from lightning_sbp.compare.runner import RunRecorder
-from lightning_sbp.entry import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "examples" / "configs" / "digits_full.yaml"
@@ -64,14 +64,6 @@ def counts() -> Iterator[Counts]:
         patch.setattr(pl.Trainer, "fit", counting_fit)
         patch.setattr(RunRecorder, "start", counting_start)
         yield counted
-
-
-def compare(args: list[str]) -> int:
-    try:
-        status = cli_main(["compare", *args])
-    except SystemExit as stop:
-        return stop.code if isinstance(stop.code, int) else 1
-    return int(status or 0)
 
 
 @pytest.fixture(scope="module")
