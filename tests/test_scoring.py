@@ -146,3 +146,37 @@ def test_a_one_output_head_squeezed_to_n_is_read_as_n_by_1() -> None:
         squeezed = wide.layer(features).squeeze(-1)
     with pytest.raises(ScoringError):
         wide.take(squeezed[:, 0])  # one column of two outputs is not the layer's output
+
+
+class Regression(pl.LightningModule):
+    """A regression head with one output, squeezed to ``[N]`` or not."""
+
+    def __init__(self, squeeze: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
+        self.head = nn.Linear(8, 1)
+        self.squeeze = squeeze
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.head(self.body(x))
+        return out.squeeze(-1) if self.squeeze else out
+
+
+def test_a_squeezed_head_scores_as_the_same_head_unsqueezed() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 5, generator=generator), torch.randn(12, generator=generator)
+    scored = {}
+    for squeeze in (True, False):
+        model, scorer = Regression(squeeze), Scorer()
+        scorer.capture = LastLayerCapture(model.head, "head")
+        scored[squeeze] = scorer.score(model, (x, y if squeeze else y[:, None]))
+    squeezed, column = scored[True], scored[False]
+    assert squeezed.logit_grads is not None and squeezed.features is not None
+    assert squeezed.logit_grads.shape == squeezed.logits.shape == (12, 1)
+    for field in ("losses", "logits", "logit_grads", "features"):
+        torch.testing.assert_close(getattr(squeezed, field), getattr(column, field), rtol=0, atol=0)
+    # The gradient of the squared error with respect to the one output is 2 (output - target); in float32 the
+    # subtraction rounds once (half an ulp, 6e-8 relative) and the doubling is exact.
+    expected = 2 * (column.logits.double() - y[:, None].double())
+    torch.testing.assert_close(squeezed.logit_grads.double(), expected, rtol=1e-6, atol=1e-7)
