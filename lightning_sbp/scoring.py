@@ -376,13 +376,16 @@ class Scorer:
         mode: ``"train"`` or ``"eval"``, the mode of the modules during the pass (see :func:`scoring_mode`).
         precision: ``"same"`` for the trainer's precision, ``"bf16"`` or ``"16"`` for autocast to that dtype.
         scale: fraction of their spatial size the inputs are resampled to, ``0 < scale <= 1``.
-        loss_fn: per-example loss of a module without the mixin; per-example cross-entropy when ``None``.
+        loss_fn: per-example loss of a module without the mixin; chosen from the targets at the first pass
+            when ``None`` (see :mod:`lightning_sbp.default_loss`).
         last_layer: qualified name of the final ``nn.Linear``; the last one registered when ``None``.
         score_fn: ``(module, batch) -> per-example losses [N]``, for modules whose batch or ``forward``
             the defaults cannot read; it gives losses only, for the selectors that need nothing else.
 
     Attributes:
         capture: the hook on the final linear layer, when something reads its gradients.
+        default_loss: the loss chosen from the targets, used when no ``loss_fn`` is given to a module without the
+            mixin.
     """
 
     def __init__(
