@@ -28,7 +28,19 @@ from lightning_sbp.functional.loss import (
     per_example_squared_error,
 )
 
-__all__ = ["DefaultLoss", "LossChoice", "choose_loss"]
+__all__ = ["DefaultLoss", "LossChoice", "NoDefaultLoss", "choose_loss"]
+
+
+class NoDefaultLoss(ValueError):
+    """No default per-example loss fits a module's outputs and targets.
+
+    Attributes:
+        reason: the shapes and dtypes, and why no rule fits them.
+    """
+
+    def __init__(self, reason: str, option: str | None = None) -> None:
+        super().__init__(reason if option is None else f"{reason}; set the loss with {option}")
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -55,13 +67,13 @@ def choose_loss(outputs: Tensor, targets: Any) -> LossChoice:
     reads the targets' values on the host.
 
     Raises:
-        ValueError: when no rule fits, naming the shapes and ``loss_fn``.
+        NoDefaultLoss: when no rule fits, naming the shapes and why.
     """
     if not isinstance(targets, Tensor) or targets.dim() == 0 or outputs.dim() == 0:
-        raise ValueError(_no_rule(outputs, targets, "the targets are not a tensor with one row per example"))
+        raise NoDefaultLoss(_no_rule(outputs, targets, "the targets are not a tensor with one row per example"))
     n = outputs.shape[0]
     if targets.shape[0] != n:
-        raise ValueError(_no_rule(outputs, targets, f"the outputs have {n} rows and the targets {targets.shape[0]}"))
+        raise NoDefaultLoss(_no_rule(outputs, targets, f"the outputs have {n} rows and the targets {targets.shape[0]}"))
     floating = targets.is_floating_point() or targets.dtype == torch.bool
     if outputs.numel() == n and targets.numel() == n:
         if bool(_all_binary(targets)):
@@ -105,7 +117,14 @@ def choose_loss(outputs: Tensor, targets: Any) -> LossChoice:
             "the targets are whole numbers below the number of outputs, one per example: class indices stored as "
             "floating point",
         )
-    raise ValueError(_no_rule(outputs, targets, "no default loss fits these shapes"))
+    raise NoDefaultLoss(
+        _no_rule(
+            outputs,
+            targets,
+            "class indices get cross-entropy, and floating-point targets need one output per example or the "
+            "outputs' shape",
+        )
+    )
 
 
 def class_indices_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -135,11 +154,7 @@ def _no_rule(outputs: Tensor, targets: Any, why: str) -> str:
         if isinstance(targets, Tensor)
         else f"targets of type {type(targets).__name__}"
     )
-    return (
-        f"no default per-example loss fits outputs of shape {tuple(outputs.shape)} and {described} ({why}); "
-        "integer class indices get cross-entropy, one output per example or targets of the outputs' shape get "
-        "squared error or binary cross-entropy"
-    )
+    return f"no default per-example loss fits outputs of shape {tuple(outputs.shape)} and {described}: {why}"
 
 
 class DefaultLoss:
@@ -147,28 +162,32 @@ class DefaultLoss:
 
     Args:
         subject: what the announcement says before the loss's name, e.g. ``"SelectiveBackprop scores Net with the"``.
-        alternative: how to choose another loss, e.g. ``"pass loss_fn for another"``.
+        option: what sets another loss, e.g. ``"SelectiveBackprop(loss_fn=...)"``.
 
     Attributes:
         choice: the loss chosen at the first call; ``None`` before it.
     """
 
-    def __init__(self, subject: str, alternative: str) -> None:
+    def __init__(self, subject: str, option: str) -> None:
         self.subject = subject
-        self.alternative = alternative
+        self.option = option
         self.choice: LossChoice | None = None
 
     def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Per-example losses ``[N]`` in float32.
 
         Raises:
-            ValueError: at the first call, when no default loss fits the targets.
+            NoDefaultLoss: at the first call, when no default loss fits the targets, naming the option that sets one.
         """
         if self.choice is None:
-            self.choice = choose_loss(outputs, targets)
+            try:
+                self.choice = choose_loss(outputs, targets)
+            except NoDefaultLoss as error:
+                raise NoDefaultLoss(error.reason, self.option) from None
             if self.choice.inferred:
                 rank_zero_info(
-                    f"{self.subject} {self.choice.name} of each example: {self.choice.reason}. {self.alternative}."
+                    f"{self.subject} {self.choice.name} of each example: {self.choice.reason}. "
+                    f"Set another with {self.option}."
                 )
         return self.choice.loss_fn(outputs, targets)
 

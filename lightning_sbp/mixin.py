@@ -127,7 +127,7 @@ def _default_loss(module: SelectiveBackpropMixin) -> DefaultLoss:
     if "_sbp_default_loss" not in state:
         state["_sbp_default_loss"] = DefaultLoss(
             f"{type(module).__name__}.sbp_loss, the default of SelectiveBackpropMixin, is the",
-            f"Override {type(module).__name__}.sbp_loss for another",
+            f"an override of {type(module).__name__}.sbp_loss",
         )
     loss: DefaultLoss = state["_sbp_default_loss"]
     return loss

@@ -17,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from lightning_sbp.batches import INPUT_KEYS, LABEL_KEYS, BatchAdapter, default_forward, defines_forward
-from lightning_sbp.default_loss import DefaultLoss
+from lightning_sbp.default_loss import DefaultLoss, NoDefaultLoss
 from lightning_sbp.functional._inputs import DEFAULT_CHUNK_ELEMENTS, autocast_off, row_blocks
 from lightning_sbp.mixin import SelectiveBackpropMixin
 from lightning_sbp.selectors.base import Scores
@@ -608,7 +608,7 @@ _READING_ERRORS = (TypeError, ValueError, KeyError, IndexError, AttributeError, 
 
 
 def _default_loss(module: str) -> DefaultLoss:
-    return DefaultLoss(f"SelectiveBackprop scores {module} with the", "Pass SelectiveBackprop(loss_fn=...) for another")
+    return DefaultLoss(f"SelectiveBackprop scores {module} with the", "SelectiveBackprop(loss_fn=...)")
 
 
 def _forwards_by_default(pl_module: pl.LightningModule) -> bool:
@@ -661,12 +661,6 @@ def _cannot_read(pl_module: pl.LightningModule, batch: Any, error: BaseException
 def _cannot_apply_loss(pl_module: pl.LightningModule, logits: Any, targets: Any, error: BaseException) -> str:
     """One paragraph: the default loss does not fit the module's outputs and targets, and how to give one."""
     name = type(pl_module).__name__
-    outputs = f"outputs of shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else "outputs"
-    given = (
-        f"{targets.dtype} targets of shape {tuple(targets.shape)}"
-        if isinstance(targets, Tensor)
-        else f"targets of type {type(targets).__name__}"
-    )
     if isinstance(pl_module, SelectiveBackpropMixin):
         fix = f"override {name}.sbp_loss(logits, targets) -> per-example losses [N]"
     else:
@@ -675,8 +669,17 @@ def _cannot_apply_loss(pl_module: pl.LightningModule, logits: Any, targets: Any,
             "functools.partial(torch.nn.functional.mse_loss, reduction='none') for outputs shaped like the targets "
             "(in YAML its dotted import path)"
         )
+    if isinstance(error, NoDefaultLoss):
+        failure = error.reason
+    else:
+        outputs = f"outputs of shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else "outputs"
+        given = (
+            f"{targets.dtype} targets of shape {tuple(targets.shape)}"
+            if isinstance(targets, Tensor)
+            else f"targets of type {type(targets).__name__}"
+        )
+        failure = f"on {outputs} and {given} it failed with {type(error).__name__}: {error}"
     return (
-        f"SelectiveBackprop cannot score the batches of {name} with its default loss: forward gives {outputs} "
-        f"for {given}, and that failed with {type(error).__name__}: {error}. Give it the loss {name} trains on: "
-        f"{fix}."
+        f"SelectiveBackprop cannot score the batches of {name} with its default loss: {failure}. Give it the loss "
+        f"{name} trains on: {fix}."
     )

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from dispatch import DispatchRecorder
 from torch import Tensor
 
-from lightning_sbp.default_loss import DefaultLoss, choose_loss
+from lightning_sbp.default_loss import DefaultLoss, NoDefaultLoss, choose_loss
 
 # The losses are a few float32 operations per output averaged over at most 6 outputs, on values of magnitude
 # at most about 4: their error is a few float32 ulps (1.2e-7) of the loss and of the outputs' magnitude.
@@ -137,20 +137,20 @@ def test_class_indices_are_decided_without_reading_the_device() -> None:
 @pytest.mark.parametrize(
     ("outputs", "targets", "why"),
     [
-        (torch.randn(8, 4), torch.randn(8), "no default loss fits"),  # not whole numbers: not class indices
-        (torch.randn(8, 4), torch.randn(8, 3), "no default loss fits"),
+        (torch.randn(8, 4), torch.randn(8), "floating-point targets need"),  # not whole numbers: not indices
+        (torch.randn(8, 4), torch.randn(8, 3), "floating-point targets need"),
         (torch.randn(8, 4), torch.randint(4, (6,)), "8 rows and the targets 6"),
         (torch.randn(8, 4), [1, 2], "not a tensor"),
     ],
 )
-def test_targets_no_rule_fits_are_a_value_error_naming_the_shapes(outputs: Tensor, targets: object, why: str) -> None:
-    with pytest.raises(ValueError, match=r"no default per-example loss fits outputs of shape \(8, 4\)") as info:
+def test_targets_no_rule_fits_are_an_error_naming_the_shapes(outputs: Tensor, targets: object, why: str) -> None:
+    with pytest.raises(NoDefaultLoss, match=r"no default per-example loss fits outputs of shape \(8, 4\)") as info:
         choose_loss(outputs, targets)
     assert why in str(info.value)
 
 
 def test_the_default_loss_chooses_once_says_so_once_and_then_reads_nothing(caplog: pytest.LogCaptureFixture) -> None:
-    loss = DefaultLoss("Net is scored with the", "Pass loss_fn for another")
+    loss = DefaultLoss("Net is scored with the", "loss_fn")
     outputs, targets = torch.randn(8, 1), torch.randn(8, 1)
     with caplog.at_level(logging.INFO):
         loss(outputs, targets)
@@ -159,14 +159,21 @@ def test_the_default_loss_chooses_once_says_so_once_and_then_reads_nothing(caplo
     said = [record.getMessage() for record in caplog.records if "Net is scored" in record.getMessage()]
     assert said == [
         "Net is scored with the squared error of each example: the module gives one output per example and its "
-        "targets take values other than 0 and 1, as a regression's. Pass loss_fn for another."
+        "targets take values other than 0 and 1, as a regression's. Set another with loss_fn."
     ]
     assert recorder.host_syncs() == {}
     torch.testing.assert_close(later.double(), squared_error(outputs, targets.clamp(0, 1).round()), **TOLERANCE)
 
 
+def test_targets_no_rule_fits_name_the_option_that_sets_a_loss() -> None:
+    loss = DefaultLoss("Net is scored with the", "an override of Net.sbp_loss")
+    with pytest.raises(ValueError, match=r"no default per-example loss fits .* set the loss with an override of Net"):
+        loss(torch.randn(4, 3), torch.randn(4, 2))
+    assert loss.choice is None
+
+
 def test_class_indices_are_not_announced(caplog: pytest.LogCaptureFixture) -> None:
-    loss = DefaultLoss("Net is scored with the", "Pass loss_fn for another")
+    loss = DefaultLoss("Net is scored with the", "loss_fn")
     with caplog.at_level(logging.INFO):
         loss(torch.randn(4, 3), torch.randint(3, (4,)))
     assert not [record for record in caplog.records if "Net is scored" in record.getMessage()]

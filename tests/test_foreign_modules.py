@@ -293,6 +293,31 @@ def test_a_loss_that_is_zero_by_construction_is_said_once() -> None:
     assert len(said) == 1 and "Regressor" in said[0] and "loss_fn" in said[0]
 
 
+class ThreeOutputs(Regressor):
+    """Three outputs per example against one floating-point target: no default loss fits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 3))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.mse_loss(self(x).mean(dim=1), y)
+
+
+class MixinThreeOutputs(SelectiveBackpropMixin, ThreeOutputs):
+    pass
+
+
+@pytest.mark.parametrize(("module", "fix"), [(ThreeOutputs, "loss_fn=..."), (MixinThreeOutputs, "sbp_loss")])
+def test_targets_no_default_loss_fits_stop_the_first_step_naming_the_loss_option(module: type, fix: str) -> None:
+    with pytest.raises(ScoringError) as info:
+        fit(module(), regression_data(squeeze=True), 16, SelectiveBackprop("topk", keep=0.5))
+    message = str(info.value)
+    assert "outputs of shape (16, 3) and torch.float32 targets of shape (16,)" in message
+    assert fix in message and "\n" not in message
+
+
 @pytest.mark.parametrize("selector", ["random", "loss"])
 @pytest.mark.parametrize("loss_fn", [None, functools.partial(F.mse_loss, reduction="none")])
 def test_a_squeezed_regression_head_trains_and_tracks_with_its_last_layer(selector: str, loss_fn: Any) -> None:
