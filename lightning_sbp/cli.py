@@ -185,11 +185,7 @@ def wrong_type_summary(message: str) -> str | None:
     wrong = _WRONG_TYPE.search(message)
     if wrong is None:
         return None
-    where = _PARSER_KEY.search(message)
-    return (
-        f"{where['key'] + ' ' if where else ''}({wrong['path']}): {wrong['key']} expects a {wrong['type']}, "
-        f"got {wrong['value'].strip()!r}"
-    )
+    return f"{_located(message, wrong['path'])}{wrong['key']} expects a {wrong['type']}, got {wrong['value'].strip()!r}"
 
 
 def unusable_function_summary(message: str) -> str | None:
@@ -205,12 +201,17 @@ def unusable_function_summary(message: str) -> str | None:
     unusable = _UNUSABLE_FUNCTION.search(message)
     if unusable is None:
         return None
-    where = _PARSER_KEY.search(message)
     return (
-        f"{where['key'] + ' ' if where else ''}({unusable['path']}): {unusable['key']} {unusable['value'].strip()!r} "
-        f"is not a function it can import ({unusable['reason'].strip()}); give the dotted import path of a function, "
+        f"{_located(message, unusable['path'])}{unusable['key']} {unusable['value'].strip()!r} is not a function it "
+        f"can import ({unusable['reason'].strip()}); give the dotted import path of a function, "
         "package.module.function, importable where the command runs"
     )
+
+
+def _located(message: str, class_path: str) -> str:
+    """``"<parser key> (<class path>): "``, the start of a one-line summary of a jsonargparse error."""
+    where = _PARSER_KEY.search(message)
+    return f"{where['key'] + ' ' if where else ''}({class_path}): "
 
 
 class SelectiveBackpropCLI(LightningCLI):

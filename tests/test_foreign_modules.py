@@ -434,17 +434,16 @@ def test_torchvision_mobilenet_v3_trains_on_random_and_loss_subsets(selector: st
     assert sizes.sizes == [4, 4]
 
 
+TINY_TRANSFORMER = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+
+
 def tiny_vit(transformers: Any, classes: int = 3) -> nn.Module:
-    config = transformers.ViTConfig(
-        image_size=16,
-        patch_size=8,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=classes,
-    )
+    config = transformers.ViTConfig(image_size=16, patch_size=8, num_labels=classes, **TINY_TRANSFORMER)
     return transformers.ViTForImageClassification(config)
+
+
+def tiny_bert_config(transformers: Any, **options: Any) -> Any:
+    return transformers.BertConfig(vocab_size=40, **TINY_TRANSFORMER, **options)
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
@@ -538,15 +537,7 @@ def test_transformers_bert_regression_and_multi_label_are_scored_by_their_own_lo
 ) -> None:
     transformers = pytest.importorskip("transformers")
     num_labels, problem_type, labels, loss_name, reference = PROBLEMS[problem]
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=num_labels,
-        problem_type=problem_type,
-    )
+    config = tiny_bert_config(transformers, num_labels=num_labels, problem_type=problem_type)
     torch.manual_seed(0)
     model = Wrapped(transformers.BertForSequenceClassification(config))
     audit = TopkAudit(bert_reference(reference))
@@ -574,10 +565,7 @@ class Seq2SeqStyle(pl.LightningModule):
 
 def test_a_module_without_forward_is_told_so_at_the_first_selective_step() -> None:
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=2
-    )
-    model = Seq2SeqStyle(transformers.BertForSequenceClassification(config))
+    model = Seq2SeqStyle(transformers.BertForSequenceClassification(tiny_bert_config(transformers, num_labels=2)))
     with pytest.raises(ScoringError) as info:
         fit(model, TokenDicts(), 8, SelectiveBackprop("topk", keep=0.5))
     message = str(info.value)
