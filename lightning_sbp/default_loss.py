@@ -28,7 +28,7 @@ from lightning_sbp.functional.loss import (
     per_example_squared_error,
 )
 
-__all__ = ["DefaultLoss", "LossChoice", "NoDefaultLoss", "choose_loss"]
+__all__ = ["DefaultLoss", "LossChoice", "NoDefaultLoss", "choose_loss", "describe_targets"]
 
 
 class NoDefaultLoss(ValueError):
@@ -148,13 +148,18 @@ def _all_class_indices(targets: Tensor, classes: int) -> Tensor:
     return ((targets == targets.round()) & (targets >= 0) & (targets < classes)).all()
 
 
+def describe_targets(targets: Any) -> str:
+    """``"<dtype> targets of shape <shape>"``, or the type of targets that are not a tensor, for messages."""
+    if isinstance(targets, Tensor):
+        return f"{targets.dtype} targets of shape {tuple(targets.shape)}"
+    return f"targets of type {type(targets).__name__}"
+
+
 def _no_rule(outputs: Tensor, targets: Any, why: str) -> str:
-    described = (
-        f"{targets.dtype} targets of shape {tuple(targets.shape)}"
-        if isinstance(targets, Tensor)
-        else f"targets of type {type(targets).__name__}"
+    return (
+        f"no default per-example loss fits outputs of shape {tuple(outputs.shape)} and {describe_targets(targets)}: "
+        f"{why}"
     )
-    return f"no default per-example loss fits outputs of shape {tuple(outputs.shape)} and {described}: {why}"
 
 
 class DefaultLoss:

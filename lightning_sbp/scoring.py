@@ -17,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from lightning_sbp.batches import INPUT_KEYS, LABEL_KEYS, BatchAdapter, default_forward, defines_forward
-from lightning_sbp.default_loss import DefaultLoss, NoDefaultLoss
+from lightning_sbp.default_loss import DefaultLoss, NoDefaultLoss, describe_targets
 from lightning_sbp.functional._inputs import DEFAULT_CHUNK_ELEMENTS, autocast_off, row_blocks
 from lightning_sbp.mixin import SelectiveBackpropMixin
 from lightning_sbp.selectors.base import Scores
@@ -673,12 +673,7 @@ def _cannot_apply_loss(pl_module: pl.LightningModule, logits: Any, targets: Any,
         failure = error.reason
     else:
         outputs = f"outputs of shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else "outputs"
-        given = (
-            f"{targets.dtype} targets of shape {tuple(targets.shape)}"
-            if isinstance(targets, Tensor)
-            else f"targets of type {type(targets).__name__}"
-        )
-        failure = f"on {outputs} and {given} it failed with {type(error).__name__}: {error}"
+        failure = f"on {outputs} and {describe_targets(targets)} it failed with {type(error).__name__}: {error}"
     return (
         f"SelectiveBackprop cannot score the batches of {name} with its default loss: {failure}. Give it the loss "
         f"{name} trains on: {fix}."

@@ -332,12 +332,13 @@ def test_a_squeezed_regression_head_trains_and_tracks_with_its_last_layer(select
     assert ratio.isfinite() and ratio > 0, "the one-output head's gradients were read as [N, 1]"
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 @pytest.mark.parametrize("selector", ["omp", "gradnorm"])
-def test_weighted_selectors_train_a_regression_on_its_squared_error(selector: str) -> None:
+def test_weighted_selectors_train_a_regression_on_its_squared_error(selector: str, precision: str) -> None:
     model = MixinRegressor()
     before = [parameter.detach().clone() for parameter in model.parameters()]
     sbp = SelectiveBackprop(selector, keep=0.5)
-    fitted = trainer(callbacks=[sbp], max_steps=2, log_every_n_steps=1)
+    fitted = trainer(callbacks=[sbp], max_steps=2, log_every_n_steps=1, precision=precision)
     fitted.fit(model, loader(regression_data(), 16))
     assert sbp.last_selection is not None and bool(sbp.last_selection.weights.abs().sum() > 0)
     changed = [not torch.equal(old, new) for old, new in zip(before, model.parameters(), strict=True)]
@@ -549,7 +550,7 @@ def test_transformers_bert_regression_and_multi_label_are_scored_by_their_own_lo
     assert [r for r in caplog.records if f"scores Wrapped with the {loss_name} of each example" in r.getMessage()]
 
 
-class Seq2SeqStyle(pl.LightningModule):
+class StepCallsTheModel(pl.LightningModule):
     """A transformers module whose step calls the model itself, as many write it: it defines no forward."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -565,11 +566,11 @@ class Seq2SeqStyle(pl.LightningModule):
 
 def test_a_module_without_forward_is_told_so_at_the_first_selective_step() -> None:
     transformers = pytest.importorskip("transformers")
-    model = Seq2SeqStyle(transformers.BertForSequenceClassification(tiny_bert_config(transformers, num_labels=2)))
+    model = StepCallsTheModel(transformers.BertForSequenceClassification(tiny_bert_config(transformers, num_labels=2)))
     with pytest.raises(ScoringError) as info:
         fit(model, TokenDicts(), 8, SelectiveBackprop("topk", keep=0.5))
     message = str(info.value)
-    assert "Seq2SeqStyle has no forward method" in message and "def forward(self, **inputs)" in message
+    assert "StepCallsTheModel has no forward method" in message and "def forward(self, **inputs)" in message
     assert "_forward_unimplemented" not in message and "\n" not in message
     sizes = fit(model, TokenDicts(), 8, SelectiveBackprop("random", keep=0.5, track_grad_error=False))
     assert sizes.sizes == [4, 4], "random selection without tracking needs no forward"
