@@ -67,7 +67,11 @@ class SelectiveBackprop(BatchAdapter, Callback):
             no running statistic updated); ``"eval"`` scores in eval mode.
         seed: seed of the per-rank, per-step generators of random selectors.
         loss_fn: per-example loss ``(logits, targets) -> [N]`` for scoring a module without the
-            mixin; per-example cross-entropy when omitted.
+            mixin (in YAML, the function's dotted import path). When omitted it is chosen from the
+            targets at the first selective step and said once: cross-entropy for class indices, the
+            squared error for one output per example (binary cross-entropy with logits when every
+            target is 0 or 1), binary cross-entropy, cross-entropy or the squared error for targets of
+            the outputs' shape (see :mod:`lightning_sbp.default_loss`).
         last_layer: qualified name of the final ``nn.Linear`` whose gradients selectors and
             metrics read; the last ``nn.Linear`` registered when omitted.
         track_grad_error: measure, on every ``grad_error_every``-th selective step, how well the subset's

@@ -47,6 +47,7 @@ __all__ = [
     "main",
     "plain_text",
     "unknown_argument_summary",
+    "unusable_function_summary",
     "wrong_type_summary",
 ]
 
@@ -68,6 +69,11 @@ _PARSER_KEY = re.compile(r'Parser key "(?P<key>[^"]+)"')
 _WRONG_TYPE = re.compile(
     r"class_path '(?P<path>[\w.]+)':\s*Parser key \"(?P<key>[^\"]+)\":\s*"
     r"Expected a <class '(?P<type>[\w.]+)'>\. Got value: (?P<value>[^\n]*)"
+)
+_UNUSABLE_FUNCTION = re.compile(
+    r"class_path '(?P<path>[\w.]+)':\s*Parser key \"(?P<key>[^\"]+)\":.*?"
+    r"expects a function or a callable class: (?P<reason>[^\n]*).*?Given value: (?P<value>[^\n]*)",
+    re.DOTALL,
 )
 
 
@@ -124,7 +130,7 @@ class SelectiveBackpropParser(LightningArgumentParser):
         if not self.exit_on_error:  # nested parsers raise to the parser above them
             super().error(message, *args, **kwargs)
         # The usage block of every option would bury the one line that matters; --help prints it.
-        summary = unknown_argument_summary(message) or wrong_type_summary(message)
+        summary = unknown_argument_summary(message) or wrong_type_summary(message) or unusable_function_summary(message)
         sys.stderr.write(f"error: {summary or message.strip()}\n")
         self.exit(2)
 
@@ -179,11 +185,33 @@ def wrong_type_summary(message: str) -> str | None:
     wrong = _WRONG_TYPE.search(message)
     if wrong is None:
         return None
-    where = _PARSER_KEY.search(message)
+    return f"{_located(message, wrong['path'])}{wrong['key']} expects a {wrong['type']}, got {wrong['value'].strip()!r}"
+
+
+def unusable_function_summary(message: str) -> str | None:
+    """One line for a jsonargparse error about a function argument (``score_fn``, ``loss_fn``) it cannot import.
+
+    Args:
+        message: the error message of jsonargparse.
+
+    Returns:
+        ``"<where> (<class path>): <key> '<value>' is not a function it can import (<reason>); ..."``, or
+        ``None`` when the message is about something else.
+    """
+    unusable = _UNUSABLE_FUNCTION.search(message)
+    if unusable is None:
+        return None
     return (
-        f"{where['key'] + ' ' if where else ''}({wrong['path']}): {wrong['key']} expects a {wrong['type']}, "
-        f"got {wrong['value'].strip()!r}"
+        f"{_located(message, unusable['path'])}{unusable['key']} {unusable['value'].strip()!r} is not a function it "
+        f"can import ({unusable['reason'].strip()}); give the dotted import path of a function, "
+        "package.module.function, importable where the command runs"
     )
+
+
+def _located(message: str, class_path: str) -> str:
+    """``"<parser key> (<class path>): "``, the start of a one-line summary of a jsonargparse error."""
+    where = _PARSER_KEY.search(message)
+    return f"{where['key'] + ' ' if where else ''}({class_path}): "
 
 
 class SelectiveBackpropCLI(LightningCLI):

@@ -10,8 +10,8 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_sbp.batches import default_forward
-from lightning_sbp.functional.loss import per_example_cross_entropy
+from lightning_sbp.batches import default_forward, is_lightning_module_class
+from lightning_sbp.default_loss import DefaultLoss
 
 __all__ = ["SelectiveBackpropMixin", "SubsetWeights", "subset_weights"]
 
@@ -30,7 +30,8 @@ class SelectiveBackpropMixin:
     MRO (``LightningModule`` aside) has one.
 
     Override :meth:`sbp_forward` for batches that are not ``(inputs, targets, ...)`` tuples or
-    dicts holding a ``labels`` key, and :meth:`sbp_loss` for another per-example loss.
+    dicts with a label key, and :meth:`sbp_loss` for another per-example loss than the one the
+    targets suggest (see :mod:`lightning_sbp.default_loss`).
 
     Example:
         >>> import lightning as L
@@ -53,26 +54,33 @@ class SelectiveBackpropMixin:
     def sbp_forward(self, batch: Any) -> tuple[Tensor, Tensor]:
         """Logits and targets of a batch.
 
-        The default takes ``(inputs, targets, ...)`` tuples and lists, or dicts with a label key
-        (``labels``, ``label``, ``targets``, ``target`` or ``y``) whose other entries are passed to
-        ``forward`` as keyword arguments; an output with a ``logits`` attribute or key (as
-        transformers models return) is unwrapped.
+        The default reads ``(inputs, targets, ...)`` tuples and lists, and dicts by the rule of
+        :func:`~lightning_sbp.batches.default_forward`: the targets under a label key (``labels``,
+        ``label``, ``targets``, ``target`` or ``y``), the other entries passed to ``forward`` by name, or
+        the single input (``image``, ``pixel_values``, ``x``, ...) passed positionally to a ``forward``
+        that takes one argument. An output with a ``logits`` attribute or key (as transformers models
+        return) is unwrapped.
 
         Args:
             batch: a training batch or a subset of one.
 
         Returns:
-            ``(logits [N, C], targets [N])``.
+            ``(logits [N, C], targets [N])``, or whatever shapes :meth:`sbp_loss` reads.
         """
         return default_forward(self, batch)  # type: ignore[arg-type]
 
     def sbp_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Per-example loss, shape ``[N]``; the default is softmax cross-entropy.
+        """Per-example loss, shape ``[N]``, chosen from the targets at the first call.
+
+        Integer class indices get softmax cross-entropy; one output per example gets the squared error
+        (a regression) or, when every target is 0 or 1, binary cross-entropy with logits; targets of the
+        outputs' shape get binary cross-entropy (multi-hot labels), cross-entropy (soft labels) or the
+        squared error (see :mod:`lightning_sbp.default_loss`). Anything but class indices is said once.
 
         Any loss works as long as each example's loss depends only on its own logits: the
         last-layer gradients are derived from it with autograd.
         """
-        return per_example_cross_entropy(logits, targets)
+        return _default_loss(self)(logits, targets)
 
     def sbp_reduce(self, losses: Tensor) -> Tensor:
         """The mean of per-example losses ``[k]``, weighted by the current selection when there is one.
@@ -115,17 +123,23 @@ def _chosen_training_step(cls: type) -> Any:
     ``LightningModule``; the mixin's when no other class has one.
     """
     for klass in cls.__mro__:
-        if klass is SelectiveBackpropMixin or _is_lightning_module(klass):
+        if klass is SelectiveBackpropMixin or is_lightning_module_class(klass):
             continue
         if "training_step" in vars(klass):
             return vars(klass)["training_step"]
     return SelectiveBackpropMixin.training_step
 
 
-def _is_lightning_module(klass: type) -> bool:
-    """Whether ``klass`` is Lightning's ``LightningModule`` itself, under either package name."""
-    package = klass.__module__.split(".")[0]
-    return klass.__qualname__ == "LightningModule" and package in {"lightning", "pytorch_lightning"}
+def _default_loss(module: SelectiveBackpropMixin) -> DefaultLoss:
+    """The module's own default loss, created at its first use: the choice it makes is kept with the module."""
+    state = vars(module)
+    if "_sbp_default_loss" not in state:
+        state["_sbp_default_loss"] = DefaultLoss(
+            f"{type(module).__name__}.sbp_loss, the default of SelectiveBackpropMixin, is the",
+            f"an override of {type(module).__name__}.sbp_loss",
+        )
+    loss: DefaultLoss = state["_sbp_default_loss"]
+    return loss
 
 
 @dataclass

@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from lightning_sbp.batches import BatchAdapter, default_forward
+from lightning_sbp.batches import INPUT_KEYS, LABEL_KEYS, BatchAdapter, default_forward, defines_forward
+from lightning_sbp.default_loss import DefaultLoss, NoDefaultLoss, describe_targets
 from lightning_sbp.functional._inputs import DEFAULT_CHUNK_ELEMENTS, autocast_off, row_blocks
-from lightning_sbp.functional.loss import per_example_cross_entropy
 from lightning_sbp.mixin import SelectiveBackpropMixin
 from lightning_sbp.selectors.base import Scores
 
@@ -34,6 +34,7 @@ __all__ = [
     "ScorePrecision",
     "Scorer",
     "ScoringError",
+    "as_columns",
     "cpu_has_fast_kernels",
     "find_last_linear",
     "frozen_running_stats",
@@ -42,8 +43,10 @@ __all__ = [
     "untouched_rng",
 ]
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
-ScoreFn = Callable[[Any, Any], Tensor]
+# The functions return per-example losses [N]. The return type is left open because jsonargparse checks a
+# function given by its dotted path in YAML against it, and would refuse any function without a return annotation.
+LossFn = Callable[[Tensor, Tensor], Any]
+ScoreFn = Callable[[Any, Any], Any]
 Forward = Callable[[Any], tuple[Tensor, Tensor]]
 ScoreMode = Literal["train", "eval"]
 ScorePrecision = Literal["same", "bf16", "16"]
@@ -210,6 +213,10 @@ class BufferGuard:
         return changed, lost
 
 
+class ScoringError(RuntimeError):
+    """The scoring pass cannot score a module as configured; the message says which option fixes it."""
+
+
 @dataclass
 class LastLayerCapture:
     """Records the inputs and outputs of a linear layer while armed.
@@ -241,22 +248,43 @@ class LastLayerCapture:
     def take(self, logits: Tensor) -> Tensor:
         """The captured features, checked against the logits the loss was computed from.
 
+        Logits of shape ``[N]`` are the ``[N, 1]`` output of a layer with ``out_features == 1`` that the
+        model squeezed (a regression or binary head).
+
         Raises:
-            RuntimeError: if the layer did not run, or its output is not the logits.
+            ScoringError: if the layer did not run, or its output is not the logits; the message names the
+                option that fixes the case.
         """
         if self.features is None or self.outputs is None:
-            raise RuntimeError(
-                f"the final linear layer {self.name!r} did not run in the forward pass; name the right "
-                "one with SelectiveBackprop(last_layer=...)"
+            raise ScoringError(
+                f"the final linear layer {self.name!r} did not run in the forward pass; name the one that produces "
+                "the outputs with SelectiveBackprop(last_layer=...)"
             )
-        if self.outputs.shape != logits.shape or self.features.dim() != logits.dim() or logits.dim() not in (2, 3):
-            raise RuntimeError(
+        outputs = self.outputs.squeeze(-1) if logits.dim() == 1 and self.outputs.dim() == 2 else self.outputs
+        if outputs.shape != logits.shape or self.features.dim() != as_columns(logits).dim() or logits.dim() > 3:
+            layout = (
                 f"the output of {self.name!r} has shape {tuple(self.outputs.shape)} and its input "
-                f"{tuple(self.features.shape)}, but last-layer gradients need [N, D] inputs and [N, C] logits, or "
-                f"[N, T, D] and [N, T, C] for a head applied per position, and the logits have shape "
-                f"{tuple(logits.shape)}; name the layer that produces the logits with SelectiveBackprop(last_layer=...)"
+                f"{tuple(self.features.shape)}, but the outputs the loss reads have shape {tuple(logits.shape)}; "
+                "last-layer gradients need [N, D] inputs and [N, C] outputs, or [N, T, D] and [N, T, C] for a head "
+                "applied per position"
+            )
+            if outputs.numel() == logits.numel():
+                fix = (
+                    "the model reshapes that layer's output: return it as the layer gives it (in forward, or in "
+                    "sbp_forward with SelectiveBackpropMixin)"
+                )
+            else:
+                fix = "name the layer that produces the outputs with SelectiveBackprop(last_layer=...)"
+            raise ScoringError(
+                f"{layout}. To fix it, {fix}; or, with a selector that reads losses only (random, topk, loss), set "
+                "track_grad_error=False"
             )
         return self.features
+
+
+def as_columns(logits: Tensor) -> Tensor:
+    """Outputs ``[N]`` as the ``[N, 1]`` they are to the last layer; other shapes unchanged."""
+    return logits.unsqueeze(-1) if logits.dim() == 1 else logits
 
 
 def logit_gradients_by_autograd(
@@ -321,21 +349,20 @@ class ForwardScores:
         return Scores(losses=self.losses, logits=self.logits)
 
     def with_last_layer(self) -> Scores:
-        """The scores with the final layer's float32 inputs and logit gradients (autocast off)."""
+        """The scores with the final layer's float32 inputs and logit gradients (autocast off).
+
+        Outputs ``[N]`` (a squeezed one-output head) are given as ``[N, 1]``, as the layer produced them.
+        """
         if self.features is None or self.logits is None or self.loss_fn is None:
             return self.without_last_layer()
         logit_grads = logit_gradients_by_autograd(self.loss_fn, self.logits, self.targets)
         return Scores(
             losses=self.losses,
-            logits=self.logits,
-            logit_grads=logit_grads,
+            logits=as_columns(self.logits),
+            logit_grads=as_columns(logit_grads),
             features=self.features.float(),
             bias=self.bias,
         )
-
-
-class ScoringError(RuntimeError):
-    """The default scoring pass cannot read a module's batch or call its ``forward``; the message says how to fix it."""
 
 
 class Scorer:
@@ -349,13 +376,16 @@ class Scorer:
         mode: ``"train"`` or ``"eval"``, the mode of the modules during the pass (see :func:`scoring_mode`).
         precision: ``"same"`` for the trainer's precision, ``"bf16"`` or ``"16"`` for autocast to that dtype.
         scale: fraction of their spatial size the inputs are resampled to, ``0 < scale <= 1``.
-        loss_fn: per-example loss of a module without the mixin; per-example cross-entropy when ``None``.
+        loss_fn: per-example loss of a module without the mixin; chosen from the targets at the first pass
+            when ``None`` (see :mod:`lightning_sbp.default_loss`).
         last_layer: qualified name of the final ``nn.Linear``; the last one registered when ``None``.
         score_fn: ``(module, batch) -> per-example losses [N]``, for modules whose batch or ``forward``
             the defaults cannot read; it gives losses only, for the selectors that need nothing else.
 
     Attributes:
         capture: the hook on the final linear layer, when something reads its gradients.
+        default_loss: the loss chosen from the targets, used when no ``loss_fn`` is given to a module without the
+            mixin.
     """
 
     def __init__(
@@ -375,7 +405,7 @@ class Scorer:
         self.score_fn = score_fn
         self.capture: LastLayerCapture | None = None
         self.buffers = BufferGuard()
-        self._needs_last_layer = False
+        self.default_loss = _default_loss("the module")
         self._scored_once = False
 
     @property
@@ -391,7 +421,7 @@ class Scorer:
                 or if ``needs_last_layer`` and ``score_fn`` gives losses only.
         """
         self.capture = None
-        self._needs_last_layer = needs_last_layer
+        self.default_loss = _default_loss(type(pl_module).__name__)
         self._scored_once = False
         if self.score_fn is not None:
             if needs_last_layer:
@@ -431,7 +461,7 @@ class Scorer:
         """The functions that turn a batch into ``(logits, targets)`` and those into per-example losses."""
         if isinstance(pl_module, SelectiveBackpropMixin):
             return pl_module.sbp_forward, pl_module.sbp_loss
-        return functools.partial(default_forward, pl_module), self.loss_fn or per_example_cross_entropy
+        return functools.partial(default_forward, pl_module), self.loss_fn or self.default_loss
 
     def forward_cheaply(
         self, pl_module: pl.LightningModule, batch: Any, batches: BatchAdapter, last_layer: bool = True
@@ -458,6 +488,10 @@ class Scorer:
     def forward(self, pl_module: pl.LightningModule, batch: Any, last_layer: bool = True) -> ForwardScores:
         """The scoring forward over every example of ``batch``, under the current precision.
 
+        The first pass checks what later passes take on trust: that the module can be scored as configured
+        (it stops with the option that fixes it when not), that the losses are one per example, and that
+        they are not all 0 (said once). Those checks read the losses on the host, once per fit.
+
         Args:
             pl_module: the module to score with.
             batch: the batch, as the training step receives it.
@@ -465,7 +499,7 @@ class Scorer:
                 nothing on this step reads them, which spares their cost.
 
         Raises:
-            ScoringError: at the first pass, when the default forward cannot read the batch or call ``forward``.
+            ScoringError: at the first pass, when the module cannot be scored as configured.
         """
         capture = self.capture if last_layer else None
         with (
@@ -481,6 +515,10 @@ class Scorer:
                 logits, targets, losses = self._forward(pl_module, batch, forward, loss_fn)
         if torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu"):
             torch.clear_autocast_cache()
+        if not self._scored_once:
+            scored = given.losses if self.score_fn is not None else losses
+            self._check_first_losses(pl_module, scored, None if self.score_fn is not None else logits.shape[0])
+            self._scored_once = True
         if self.score_fn is not None:
             return given
         logits = logits.detach()
@@ -491,48 +529,152 @@ class Scorer:
     def _forward(
         self, pl_module: pl.LightningModule, batch: Any, forward: Forward, loss_fn: LossFn
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Logits, targets and per-example losses; the first time, with the defaults, a failure explains the fix."""
-        if self._scored_once or not _scores_by_default(pl_module, self.score_fn):
+        """Logits, targets and per-example losses; the first time, a failure of a default explains the fix."""
+        if self._scored_once:
             logits, targets = forward(batch)
             return logits, targets, loss_fn(logits, targets).detach().float()
+        default_forward_used = _forwards_by_default(pl_module)
+        if default_forward_used and not defines_forward(pl_module):
+            raise ScoringError(_no_forward(pl_module))
         try:
             logits, targets = forward(batch)
+        except torch.OutOfMemoryError:
+            raise
+        except _READING_ERRORS as error:
+            if not default_forward_used:
+                raise
+            raise ScoringError(_cannot_read(pl_module, batch, error)) from None
+        try:
             losses = loss_fn(logits, targets).detach().float()
         except torch.OutOfMemoryError:
             raise
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as error:
-            raise ScoringError(_cannot_score(pl_module, batch, self.loss_fn, error)) from None
-        self._scored_once = True
+        except _READING_ERRORS as error:
+            if not self._loss_by_default(pl_module):
+                raise
+            raise ScoringError(_cannot_apply_loss(pl_module, logits, targets, error)) from None
         return logits, targets, losses
 
+    def _loss_by_default(self, pl_module: pl.LightningModule) -> bool:
+        """Whether the module is scored with a default loss rather than one the user gave."""
+        if isinstance(pl_module, SelectiveBackpropMixin):
+            return type(pl_module).sbp_loss is SelectiveBackpropMixin.sbp_loss
+        return self.loss_fn is None
 
-def _scores_by_default(pl_module: pl.LightningModule, score_fn: ScoreFn | None) -> bool:
-    """Whether the module is scored with the defaults rather than a function the user wrote."""
-    if score_fn is not None:
-        return False
+    def _check_first_losses(self, pl_module: pl.LightningModule, losses: Tensor, rows: int | None) -> None:
+        """Stop on losses that are not one per example; say once when every loss is exactly 0.
+
+        Raises:
+            ScoringError: if ``losses`` is not ``[N]``, ``N`` the number of rows of the outputs when known.
+        """
+        name = type(pl_module).__name__
+        source = self._loss_source(pl_module)
+        if losses.dim() != 1 or (rows is not None and losses.shape[0] != rows):
+            expected = f"({rows},)" if rows is not None else "[N]"
+            raise ScoringError(
+                f"SelectiveBackprop needs one loss per example of {name}'s batch, shape {expected}, but {source} "
+                f"gave shape {tuple(losses.shape)}: return per-example losses (reduction='none'), with each "
+                "example's outputs reduced to one number"
+            )
+        size = losses.shape[0]
+        if size > 0 and bool((losses == 0).all()):
+            rank_zero_warn(
+                f"SelectiveBackprop: every one of the {size} losses of {name}'s first scoring pass is exactly 0, so "
+                f"they rank nothing: topk keeps the same rows of every batch and the last-layer gradients are 0. A "
+                f"loss that is 0 whatever the model does (cross-entropy over a single output) is the usual cause; "
+                f"{source} scored them, and {self._loss_fix(pl_module)} gives the loss the module trains on"
+            )
+
+    def _loss_source(self, pl_module: pl.LightningModule) -> str:
+        """What computed the losses, for messages."""
+        if self.score_fn is not None:
+            return f"score_fn {getattr(self.score_fn, '__name__', repr(self.score_fn))}"
+        if isinstance(pl_module, SelectiveBackpropMixin):
+            return f"{type(pl_module).__name__}.sbp_loss"
+        if self.loss_fn is not None:
+            return f"loss_fn {getattr(self.loss_fn, '__name__', repr(self.loss_fn))}"
+        return f"the default loss ({self.default_loss.name})"
+
+    def _loss_fix(self, pl_module: pl.LightningModule) -> str:
+        """The option that sets the scoring loss of ``pl_module``."""
+        if self.score_fn is not None:
+            return "a score_fn that"
+        if isinstance(pl_module, SelectiveBackpropMixin):
+            return f"overriding {type(pl_module).__name__}.sbp_loss with a per-example loss that"
+        return "SelectiveBackprop(loss_fn=...), a per-example loss (outputs, targets) -> [N] that"
+
+
+_READING_ERRORS = (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError)
+"""What a forward or a loss raises on a batch or targets it cannot read."""
+
+
+def _default_loss(module: str) -> DefaultLoss:
+    return DefaultLoss(f"SelectiveBackprop scores {module} with the", "SelectiveBackprop(loss_fn=...)")
+
+
+def _forwards_by_default(pl_module: pl.LightningModule) -> bool:
+    """Whether the module's batches are read by the default forward rather than by code the user wrote."""
     if isinstance(pl_module, SelectiveBackpropMixin):
         return type(pl_module).sbp_forward is SelectiveBackpropMixin.sbp_forward
     return True
 
 
-def _cannot_score(pl_module: pl.LightningModule, batch: Any, loss_fn: LossFn | None, error: BaseException) -> str:
-    """One paragraph: which module, what the default scoring tried, what failed, and the options that fix it."""
-    name = type(pl_module).__name__
+def _layout(batch: Any) -> str:
     if isinstance(batch, dict):
-        layout = f"a dict with keys {', '.join(map(repr, batch))}"
-    elif isinstance(batch, list | tuple):
-        layout = f"a {type(batch).__name__} of {len(batch)} items"
-    else:
-        layout = f"a {type(batch).__name__}"
-    loss = getattr(loss_fn, "__name__", "loss_fn") if loss_fn is not None else "per-example cross-entropy"
+        return f"a dict with keys {', '.join(map(repr, batch))}"
+    if isinstance(batch, list | tuple):
+        return f"a {type(batch).__name__} of {len(batch)} items"
+    return f"a {type(batch).__name__}"
+
+
+_OTHER_OPTIONS = (
+    "pass score_fn, a function (module, batch) -> per-example losses [N] (in YAML its dotted import path, e.g. "
+    "score_fn: my_package.scoring.losses), which serves the selectors that read losses only (random, topk, "
+    "loss); or inherit lightning_sbp.SelectiveBackpropMixin and override sbp_forward(batch) -> (logits, targets) "
+    "(and sbp_loss), which serves every selector. Random selection with track_grad_error=False needs no "
+    "scoring pass at all."
+)
+
+
+def _no_forward(pl_module: pl.LightningModule) -> str:
+    """One paragraph: the module has no ``forward`` for the default scoring pass to call, and the fixes."""
+    name = type(pl_module).__name__
+    return (
+        f"SelectiveBackprop cannot score the batches of {name}: {name} has no forward method (its training_step "
+        "calls its model itself), and the default scoring pass calls forward. Define one, e.g. "
+        "`def forward(self, **inputs): return self.model(**inputs)` for a transformers model fed dict batches, "
+        f"or `def forward(self, x): return self.model(x)`; or {_OTHER_OPTIONS}"
+    )
+
+
+def _cannot_read(pl_module: pl.LightningModule, batch: Any, error: BaseException) -> str:
+    """One paragraph: which module, what the default forward tried, what failed, and the options that fix it."""
+    name = type(pl_module).__name__
     return (
         f"SelectiveBackprop cannot score the batches of {name}. Its default scoring pass takes a batch as "
-        "(inputs, targets, ...) or as a dict with a 'labels' key, calls forward(inputs) (or forward(**other keys)) and "
-        f"applies {loss} to the logits and targets; on this batch ({layout}) that failed with "
-        f"{type(error).__name__}: {error}. Tell it how to score {name}: pass score_fn, a function "
-        "(module, batch) -> per-example losses [N] (in YAML its dotted import path, e.g. "
-        "score_fn: my_package.scoring.losses), which serves the selectors that read losses only (random, topk, "
-        "loss); or inherit lightning_sbp.SelectiveBackpropMixin and override sbp_forward(batch) -> (logits, targets) "
-        "(and sbp_loss), which serves every selector. Random selection with track_grad_error=False needs no "
-        "scoring pass at all."
+        f"(inputs, targets, ...) and calls forward(inputs), or as a dict with a label key ({', '.join(LABEL_KEYS)}) "
+        "and calls forward with the other entries by name, or with the single input "
+        f"({', '.join(INPUT_KEYS)}) when forward takes one argument; on this batch ({_layout(batch)}) that failed "
+        f"with {type(error).__name__}: {error}. Tell it how to score {name}: {_OTHER_OPTIONS}"
+    )
+
+
+def _cannot_apply_loss(pl_module: pl.LightningModule, logits: Any, targets: Any, error: BaseException) -> str:
+    """One paragraph: the default loss does not fit the module's outputs and targets, and how to give one."""
+    name = type(pl_module).__name__
+    if isinstance(pl_module, SelectiveBackpropMixin):
+        fix = f"override {name}.sbp_loss(logits, targets) -> per-example losses [N]"
+    else:
+        fix = (
+            "pass SelectiveBackprop(loss_fn=...), a per-example loss (outputs, targets) -> [N] such as "
+            "functools.partial(torch.nn.functional.mse_loss, reduction='none') for outputs shaped like the targets "
+            "(in YAML its dotted import path)"
+        )
+    if isinstance(error, NoDefaultLoss):
+        failure = error.reason
+    else:
+        outputs = f"outputs of shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else "outputs"
+        failure = f"on {outputs} and {describe_targets(targets)} it failed with {type(error).__name__}: {error}"
+    return (
+        f"SelectiveBackprop cannot score the batches of {name} with its default loss: {failure}. Give it the loss "
+        f"{name} trains on: {fix}."
     )

@@ -76,6 +76,41 @@ class PlainClassifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+def regression_data(n: int = 64, squeeze: bool = False) -> TensorDataset:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 5, generator=generator)
+    y = x @ torch.randn(5, 1, generator=generator) + 0.1 * torch.randn(n, 1, generator=generator)
+    return TensorDataset(x, y[:, 0] if squeeze else y)
+
+
+class Regressor(pl.LightningModule):
+    """A plain regression module: one output (squeezed to ``[N]`` or not), trained with the mean squared error."""
+
+    def __init__(self, squeeze: bool = False) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.squeeze = squeeze
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.net(x)
+        return out.squeeze(-1) if self.squeeze else out
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class MixinRegressor(SelectiveBackpropMixin, Regressor):
+    """The regression module with the mixin, reducing its per-example squared errors with sbp_reduce."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return self.sbp_reduce(F.mse_loss(self(x), y, reduction="none").mean(dim=1))
+
+
 class DictDataset(Dataset):
     """Token-like dict examples, as a text pipeline yields them."""
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib
 import importlib.util
 import inspect
 import math
@@ -220,6 +221,87 @@ def test_a_module_the_scoring_pass_cannot_read_is_one_error_naming_the_fix(
     error = err.strip().splitlines()[-1]
     assert error.startswith("error: ") and "UnlabelledBatches" in error and "score_fn" in error
     assert "Traceback" not in err
+
+
+UNANNOTATED_SCORING = """
+import torch.nn.functional as F
+
+calls = []
+
+
+def losses(module, batch):
+    calls.append(len(batch[1]))
+    return F.cross_entropy(module(batch[0]), batch[1], reduction="none")
+
+
+def squared(outputs, targets):
+    return (outputs - targets).square()
+"""
+
+
+def scoring_package(root: Path, monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """A package ``userscoring`` whose functions carry no annotations, importable from ``root``."""
+    package = root / "userscoring"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "scoring.py").write_text(UNANNOTATED_SCORING)
+    monkeypatch.syspath_prepend(str(root))
+    for name in ("userscoring", "userscoring.scoring"):  # another test's copy, from another directory
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return importlib.import_module("userscoring.scoring")
+
+
+def sbp_config(root: Path, **init_args: str) -> Path:
+    config = root / "sbp.yaml"
+    entries = "".join(f"        {key}: {value}\n" for key, value in init_args.items())
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_sbp.SelectiveBackprop\n      init_args:\n"
+        f"        selector: topk\n        keep: 0.5\n{entries}"
+    )
+    return config
+
+
+def test_a_plain_function_given_as_score_fn_in_yaml_runs_through_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    scoring = scoring_package(tmp_path, monkeypatch)
+    assert inspect.signature(scoring.losses).return_annotation is inspect.Signature.empty
+    config = sbp_config(tmp_path, score_fn="userscoring.scoring.losses", track_grad_error="false")
+    args = ["fit", "--config", str(CONFIGS / "digits_full.yaml"), "--config", str(config)]
+    quick = ["--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.logger=false"]
+    assert run([*args, *quick, "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false"]) == 0
+    assert scoring.calls == [64, 64], "the function scored both steps of the fit, on whole batches"
+
+
+@pytest.mark.parametrize("option", ["score_fn", "loss_fn"])
+def test_an_unannotated_function_is_accepted_for_either_option(
+    option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scoring_package(tmp_path, monkeypatch)
+    function = "losses" if option == "score_fn" else "squared"
+    config = sbp_config(tmp_path, **{option: f"userscoring.scoring.{function}"})
+    printed = printed_config(capsys, CONFIGS / "digits_full.yaml", config)
+    assert printed["trainer"]["callbacks"][0]["init_args"][option] == f"userscoring.scoring.{function}"
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("userscoring.scoring.nothere", "module 'userscoring.scoring' has no attribute 'nothere'"),
+        ("nowhere.losses", "No module named 'nowhere'"),
+    ],
+)
+def test_a_wrong_function_path_is_one_error_line(
+    path: str, reason: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scoring_package(tmp_path, monkeypatch)
+    monkeypatch.setattr(DigitsDataModule, "setup", lambda *args: pytest.fail("read data despite the wrong path"))
+    config = sbp_config(tmp_path, score_fn=path)
+    assert run(["fit", "--config", str(CONFIGS / "digits_full.yaml"), "--config", str(config)]) == 2
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith(f"error: trainer.callbacks (lightning_sbp.SelectiveBackprop): score_fn '{path}' is not")
+    assert reason in error and "dotted import path" in error
 
 
 def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:

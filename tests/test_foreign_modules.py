@@ -3,20 +3,25 @@ first step with a message that names the fix."""
 
 from __future__ import annotations
 
+import copy
+import functools
+import logging
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import loader, sequence_losses, trainer
+from helpers import MixinRegressor, Regressor, loader, regression_data, sequence_losses, trainer
 from lightning.pytorch.demos import LightningTransformer
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
+from lightning.pytorch.demos.boring_classes import Net as DemoNet
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
-from lightning_sbp import Scores, Selection, SelectiveBackprop, Selector
+from lightning_sbp import Scores, Selection, SelectiveBackprop, SelectiveBackpropMixin, Selector
 from lightning_sbp.scoring import ScoringError
 
 
@@ -200,3 +205,411 @@ def test_tiny_torchvision_vision_transformer_trains_on_subsets() -> None:
     model = Wrapped(vit)
     fit(model, images(size=16), 8, SelectiveBackprop("loss", keep=0.5))
     assert model.seen == [4, 4]
+
+
+# ---------------------------------------------------------------- what a step must select: an independent audit
+
+
+class TopkAudit(pl.Callback):
+    """Before each step, the batch's per-example losses from an independent float64 reference; after it, the kept rows.
+
+    ``topk`` must keep the rows of the largest reference losses, up to the rounding of the scoring pass.
+    """
+
+    def __init__(self, reference: Callable[[pl.LightningModule, Any], Tensor]) -> None:
+        self.reference = reference
+        self.losses: list[Tensor] = []
+        self.kept: list[Tensor] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *args: Any) -> None:
+        self.losses.append(self.reference(pl_module, batch))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        selection = next(cb for cb in trainer.callbacks if isinstance(cb, SelectiveBackprop)).last_selection
+        assert selection is not None
+        self.kept.append(selection.indices.cpu())
+
+    def assert_kept_the_largest(self, k: int, rtol: float) -> None:
+        assert self.losses and len(self.kept) == len(self.losses)
+        for losses, kept in zip(self.losses, self.kept, strict=True):
+            assert kept.shape == (k,) and kept.unique().numel() == k
+            assert losses.std() > 0, "the reference ranks the examples"
+            slack = rtol * float(losses.abs().max())
+            assert bool((losses[kept] >= losses.topk(k).values[-1] - slack).all()), (losses, kept)
+            assert float(losses[kept].min()) > float(losses.min()), "the audit can fail: the smallest loss is out"
+
+
+def float64_copy(module: nn.Module) -> nn.Module:
+    return copy.deepcopy(module).double().eval()
+
+
+# An fp32 forward of these shallow models and a loss on its outputs round to a few float32 ulps of the largest
+# loss; bf16 autocast rounds each matmul's inputs to 8 significant bits (2^-8 = 0.4%), and across a few layers
+# two losses within about 5% of the largest may trade places.
+RANK_RTOL = {"32-true": 1e-5, "bf16-mixed": 5e-2}
+
+
+def fit_audited(
+    model: pl.LightningModule, data: Dataset, sbp: SelectiveBackprop, audit: pl.Callback, precision: str, steps: int = 2
+) -> pl.Trainer:
+    fitted = trainer(callbacks=[sbp, audit], max_steps=steps, precision=precision, log_every_n_steps=1)
+    fitted.fit(model, loader(data, 16))
+    return fitted
+
+
+# ---------------------------------------------------------------- regression
+
+
+def regression_reference(module: pl.LightningModule, batch: Any) -> Tensor:
+    x, y = batch
+    with torch.no_grad():
+        out = float64_copy(module.net)(x.double())
+    return (out.reshape(len(y), -1) - y.double().reshape(len(y), -1)).square().mean(dim=1)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_regression_is_scored_by_its_squared_error_and_topk_keeps_the_largest(
+    precision: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    audit = TopkAudit(regression_reference)
+    with caplog.at_level(logging.INFO):
+        fitted = fit_audited(Regressor(), regression_data(), SelectiveBackprop("topk", keep=0.5), audit, precision)
+    audit.assert_kept_the_largest(8, RANK_RTOL[precision])
+    said = [r.getMessage() for r in caplog.records if "scores Regressor with the squared error" in r.getMessage()]
+    assert len(said) == 1 and "loss_fn" in said[0]
+    # sbp/full_loss is the mean of the scoring losses of the last step: real losses, not zeros
+    full_loss = float(fitted.callback_metrics["sbp/full_loss"])
+    assert full_loss == pytest.approx(float(audit.losses[-1].mean()), rel=RANK_RTOL[precision])
+    assert fitted.callback_metrics["sbp/grad_error_ratio_epoch"].isfinite()
+
+
+def test_a_loss_that_is_zero_by_construction_is_said_once() -> None:
+    single_logit_cross_entropy = functools.partial(F.cross_entropy, reduction="none")
+    sbp = SelectiveBackprop("topk", keep=0.5, loss_fn=single_logit_cross_entropy, track_grad_error=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fit(Regressor(), regression_data(), 16, sbp, steps=3)
+    said = [str(w.message) for w in record if "exactly 0" in str(w.message)]
+    assert len(said) == 1 and "Regressor" in said[0] and "loss_fn" in said[0]
+
+
+class ThreeOutputs(Regressor):
+    """Three outputs per example against one floating-point target: no default loss fits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 3))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.mse_loss(self(x).mean(dim=1), y)
+
+
+class MixinThreeOutputs(SelectiveBackpropMixin, ThreeOutputs):
+    pass
+
+
+@pytest.mark.parametrize(("module", "fix"), [(ThreeOutputs, "loss_fn=..."), (MixinThreeOutputs, "sbp_loss")])
+def test_targets_no_default_loss_fits_stop_the_first_step_naming_the_loss_option(module: type, fix: str) -> None:
+    with pytest.raises(ScoringError) as info:
+        fit(module(), regression_data(squeeze=True), 16, SelectiveBackprop("topk", keep=0.5))
+    message = str(info.value)
+    assert "outputs of shape (16, 3) and torch.float32 targets of shape (16,)" in message
+    assert fix in message and "\n" not in message
+
+
+@pytest.mark.parametrize("selector", ["random", "loss"])
+@pytest.mark.parametrize("loss_fn", [None, functools.partial(F.mse_loss, reduction="none")])
+def test_a_squeezed_regression_head_trains_and_tracks_with_its_last_layer(selector: str, loss_fn: Any) -> None:
+    model = Regressor(squeeze=True)
+    before = [parameter.detach().clone() for parameter in model.parameters()]
+    sbp = SelectiveBackprop(selector, keep=0.5, loss_fn=loss_fn)
+    fitted = trainer(callbacks=[sbp], max_steps=2, log_every_n_steps=1)
+    fitted.fit(model, loader(regression_data(squeeze=True), 16))
+    assert sbp.examples_backpropagated == 16
+    assert all(not torch.equal(old, new) for old, new in zip(before, model.parameters(), strict=True))
+    ratio = fitted.callback_metrics["sbp/grad_error_ratio_epoch"]
+    assert ratio.isfinite() and ratio > 0, "the one-output head's gradients were read as [N, 1]"
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("selector", ["omp", "gradnorm"])
+def test_weighted_selectors_train_a_regression_on_its_squared_error(selector: str, precision: str) -> None:
+    model = MixinRegressor()
+    before = [parameter.detach().clone() for parameter in model.parameters()]
+    sbp = SelectiveBackprop(selector, keep=0.5)
+    fitted = trainer(callbacks=[sbp], max_steps=2, log_every_n_steps=1, precision=precision)
+    fitted.fit(model, loader(regression_data(), 16))
+    assert sbp.last_selection is not None and bool(sbp.last_selection.weights.abs().sum() > 0)
+    changed = [not torch.equal(old, new) for old, new in zip(before, model.parameters(), strict=True)]
+    assert changed == [True] * 4, "every parameter tensor trained"
+    assert fitted.callback_metrics["sbp/grad_error_ratio_epoch"].isfinite()
+
+
+# ---------------------------------------------------------------- dict batches with a plain forward(x)
+
+
+class ImageDicts(Dataset):
+    """Image examples as dicts, as torchvision-style and datasets-style pipelines yield them, with an index."""
+
+    def __init__(self, keys: tuple[str, str], n: int = 32, size: int = 16, channels: int = 3, classes: int = 3) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.labels = torch.randint(classes, (n,), generator=generator)
+        self.images = torch.randn(n, channels, size, size, generator=generator) + self.labels.view(-1, 1, 1, 1)
+        self.keys = keys
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image, label = self.keys
+        return {image: self.images[i], label: self.labels[i], "index": i}
+
+
+class ImageModule(pl.LightningModule):
+    """What a user writes around an image model: ``forward(x)`` and a step that reads its dict batch by name."""
+
+    def __init__(self, model: nn.Module, keys: tuple[str, str]) -> None:
+        super().__init__()
+        self.model = model
+        self.keys = keys
+
+    def forward(self, x: Tensor) -> Tensor:
+        output = self.model(x)
+        return output.logits if hasattr(output, "logits") else output
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        image, label = self.keys
+        return F.cross_entropy(self(batch[image]), batch[label])
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def image_reference(keys: tuple[str, str]) -> Callable[[pl.LightningModule, Any], Tensor]:
+    def reference(module: pl.LightningModule, batch: Any) -> Tensor:
+        image, label = keys
+        with torch.no_grad():
+            logits = float64_copy(module)(batch[image].double())
+        return F.cross_entropy(logits, batch[label], reduction="none")
+
+    return reference
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("keys", [("image", "label"), ("pixel_values", "labels")])
+def test_image_dicts_with_a_plain_forward_train_with_topk_and_loss_and_no_options(keys: tuple[str, str]) -> None:
+    audit = TopkAudit(image_reference(keys))
+    fit_audited(ImageModule(small_cnn(), keys), ImageDicts(keys), SelectiveBackprop("topk", keep=0.5), audit, "32-true")
+    audit.assert_kept_the_largest(8, RANK_RTOL["32-true"])
+    sizes = fit(ImageModule(small_cnn(), keys), ImageDicts(keys), 16, SelectiveBackprop("loss", keep=0.5))
+    assert sizes.sizes == [8, 8]
+
+
+# ---------------------------------------------------------------- modules the project had not tried
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_torchvision_mobilenet_v3_on_image_dicts_keeps_the_largest_losses(precision: str) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    keys = ("image", "label")
+    torch.manual_seed(0)
+    model = ImageModule(torchvision.models.mobilenet_v3_small(num_classes=3), keys)
+    audit = TopkAudit(image_reference(keys))
+    # Batch norm and dropout: scored in eval mode, the mode of the independent reference.
+    sbp = SelectiveBackprop("topk", keep=0.5, score_mode="eval")
+    fitted = fit_audited(model, ImageDicts(keys, size=32), sbp, audit, precision)
+    audit.assert_kept_the_largest(8, RANK_RTOL[precision])
+    assert fitted.callback_metrics["sbp/grad_error_ratio_epoch"].isfinite()
+
+
+@pytest.mark.parametrize("selector", ["random", "loss"])
+def test_torchvision_mobilenet_v3_trains_on_random_and_loss_subsets(selector: str) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    keys = ("image", "label")
+    model = ImageModule(torchvision.models.mobilenet_v3_small(num_classes=3), keys)
+    sizes = fit(model, ImageDicts(keys, size=32), 16, SelectiveBackprop(selector, keep=0.25))
+    assert sizes.sizes == [4, 4]
+
+
+TINY_TRANSFORMER = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+
+
+def tiny_vit(transformers: Any, classes: int = 3) -> nn.Module:
+    config = transformers.ViTConfig(image_size=16, patch_size=8, num_labels=classes, **TINY_TRANSFORMER)
+    return transformers.ViTForImageClassification(config)
+
+
+def tiny_bert_config(transformers: Any, **options: Any) -> Any:
+    return transformers.BertConfig(vocab_size=40, **TINY_TRANSFORMER, **options)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_transformers_vit_on_pixel_values_dicts_keeps_the_largest_losses(precision: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    keys = ("pixel_values", "labels")
+    torch.manual_seed(0)
+    audit = TopkAudit(image_reference(keys))
+    model = ImageModule(tiny_vit(transformers), keys)
+    sbp = SelectiveBackprop("topk", keep=0.5, score_mode="eval")
+    fit_audited(model, ImageDicts(keys), sbp, audit, precision)
+    audit.assert_kept_the_largest(8, RANK_RTOL[precision])
+
+
+class MixinViT(SelectiveBackpropMixin, pl.LightningModule):
+    """A transformers image classifier with the mixin and its default step: the batch dict goes to forward as is."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: Tensor) -> Any:
+        return self.model(pixel_values=pixel_values)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("selector", ["omp", "gradnorm"])
+def test_transformers_vit_with_the_mixin_trains_with_weighted_selectors(selector: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    model = MixinViT(tiny_vit(transformers))
+    before = model.model.classifier.weight.detach().clone()
+    sbp = SelectiveBackprop(selector, keep=0.5)
+    fitted = trainer(callbacks=[sbp], max_steps=2, log_every_n_steps=1)
+    fitted.fit(model, loader(ImageDicts(("pixel_values", "labels")), 16))
+    assert sbp.examples_backpropagated == 16
+    assert not torch.equal(before, model.model.classifier.weight)
+    assert fitted.callback_metrics["sbp/grad_error_ratio_epoch"].isfinite()
+
+
+class TextDicts(Dataset):
+    """Token dicts with float labels: a score per example, or multi-hot labels."""
+
+    def __init__(self, labels: Tensor, length: int = 6, vocab: int = 40) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(vocab, (len(labels), length), generator=generator)
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+
+
+def bert_reference(loss: Callable[[Tensor, Tensor], Tensor]) -> Callable[[pl.LightningModule, Any], Tensor]:
+    def reference(module: pl.LightningModule, batch: Any) -> Tensor:
+        with torch.no_grad():
+            logits = float64_copy(module.model)(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return loss(logits, batch["labels"].double())
+
+    return reference
+
+
+def rowwise_squared_error(logits: Tensor, labels: Tensor) -> Tensor:
+    return (logits.reshape(len(labels), -1) - labels.reshape(len(labels), -1)).square().mean(dim=1)
+
+
+def rowwise_binary_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=1)
+
+
+PROBLEMS = {
+    # problem: (num_labels, transformers' problem_type, labels, the loss transformers trains with, its reference)
+    "regression": (1, "regression", lambda g: 3 * torch.rand(32, generator=g), "squared error", rowwise_squared_error),
+    "multi-label": (
+        4,
+        "multi_label_classification",
+        lambda g: torch.randint(2, (32, 4), generator=g).float(),
+        "binary cross-entropy with logits",
+        rowwise_binary_cross_entropy,
+    ),
+}
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+def test_transformers_bert_regression_and_multi_label_are_scored_by_their_own_loss(
+    problem: str, precision: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    num_labels, problem_type, labels, loss_name, reference = PROBLEMS[problem]
+    config = tiny_bert_config(transformers, num_labels=num_labels, problem_type=problem_type)
+    torch.manual_seed(0)
+    model = Wrapped(transformers.BertForSequenceClassification(config))
+    audit = TopkAudit(bert_reference(reference))
+    data = TextDicts(labels(torch.Generator().manual_seed(1)))
+    with caplog.at_level(logging.INFO):
+        fit_audited(model, data, SelectiveBackprop("topk", keep=0.5, score_mode="eval"), audit, precision)
+    audit.assert_kept_the_largest(8, RANK_RTOL[precision])
+    assert model.seen == [8, 8]
+    assert [r for r in caplog.records if f"scores Wrapped with the {loss_name} of each example" in r.getMessage()]
+
+
+class StepCallsTheModel(pl.LightningModule):
+    """A transformers module whose step calls the model itself, as many write it: it defines no forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.model(**batch).loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_a_module_without_forward_is_told_so_at_the_first_selective_step() -> None:
+    transformers = pytest.importorskip("transformers")
+    model = StepCallsTheModel(transformers.BertForSequenceClassification(tiny_bert_config(transformers, num_labels=2)))
+    with pytest.raises(ScoringError) as info:
+        fit(model, TokenDicts(), 8, SelectiveBackprop("topk", keep=0.5))
+    message = str(info.value)
+    assert "StepCallsTheModel has no forward method" in message and "def forward(self, **inputs)" in message
+    assert "_forward_unimplemented" not in message and "\n" not in message
+    sizes = fit(model, TokenDicts(), 8, SelectiveBackprop("random", keep=0.5, track_grad_error=False))
+    assert sizes.sizes == [4, 4], "random selection without tracking needs no forward"
+
+
+class LightningDemoNet(pl.LightningModule):
+    """Lightning's demo MNIST network (log-probabilities out), trained with the negative log-likelihood."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = DemoNet()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return F.nll_loss(self(batch["x"]), batch["y"])
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def digit_dicts(n: int = 32) -> list[dict[str, Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(10, (n,), generator=generator)
+    images = torch.randn(n, 1, 28, 28, generator=generator) + 0.1 * labels.view(-1, 1, 1, 1)
+    return [{"x": image, "y": label} for image, label in zip(images, labels, strict=True)]
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_lightning_demo_net_is_scored_by_its_negative_log_likelihood(precision: str) -> None:
+    def reference(module: pl.LightningModule, batch: Any) -> Tensor:
+        with torch.no_grad():
+            log_probabilities = float64_copy(module.net)(batch["x"].double())
+        return F.nll_loss(log_probabilities, batch["y"], reduction="none")
+
+    torch.manual_seed(0)
+    audit = TopkAudit(reference)
+    # Cross-entropy of log-probabilities is their negative log-likelihood: the default fits without options.
+    sbp = SelectiveBackprop("topk", keep=0.5, score_mode="eval")
+    fit_audited(LightningDemoNet(), digit_dicts(), sbp, audit, precision)
+    audit.assert_kept_the_largest(8, RANK_RTOL[precision])

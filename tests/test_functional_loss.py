@@ -3,7 +3,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lightning_sbp.functional import per_example_cross_entropy
+from lightning_sbp.functional import (
+    per_example_binary_cross_entropy,
+    per_example_cross_entropy,
+    per_example_squared_error,
+)
 
 
 def test_class_logits_give_plain_cross_entropy() -> None:
@@ -25,3 +29,21 @@ def test_token_logits_average_over_the_counted_positions_of_each_example() -> No
         torch.testing.assert_close(losses[i], expected.float())
     assert losses[2] == 0.0
     assert losses.dtype == torch.float32 and losses.shape == (3,)
+
+
+def test_squared_error_and_binary_cross_entropy_average_each_examples_outputs_in_float32() -> None:
+    generator = torch.Generator().manual_seed(0)
+    outputs = torch.randn(6, 3, generator=generator).bfloat16()
+    targets = torch.rand(6, 3, generator=generator)
+    squared = per_example_squared_error(outputs, targets)
+    binary = per_example_binary_cross_entropy(outputs, targets)
+    assert squared.dtype == binary.dtype == torch.float32 and squared.shape == binary.shape == (6,)
+    # float64 references on the same bfloat16 values: the float32 results differ by a few float32 ulps.
+    exact = outputs.double()
+    torch.testing.assert_close(squared.double(), (exact - targets.double()).square().mean(1), rtol=1e-6, atol=1e-7)
+    expected = F.binary_cross_entropy(torch.sigmoid(exact), targets.double(), reduction="none").mean(1)
+    torch.testing.assert_close(binary.double(), expected, rtol=1e-6, atol=1e-7)
+    # one output per example, squeezed or not, is the same regression
+    column = (outputs[:, 0].float() - targets[:, 0]).square()
+    torch.testing.assert_close(per_example_squared_error(outputs[:, 0], targets[:, :1]), column)
+    torch.testing.assert_close(per_example_squared_error(outputs[:, :1], targets[:, 0]), column)

@@ -15,7 +15,17 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from dispatch import DispatchRecorder
-from helpers import Indexed, PlainClassifier, SmallCNN, blobs, loader, trainer
+from helpers import (
+    Indexed,
+    MixinRegressor,
+    PlainClassifier,
+    Regressor,
+    SmallCNN,
+    blobs,
+    loader,
+    regression_data,
+    trainer,
+)
 from torch.utils.data import TensorDataset
 
 from lightning_sbp import SelectiveBackprop, available_selectors
@@ -211,3 +221,23 @@ def test_the_spy_sees_a_copy_of_device_indices_to_the_host() -> None:
     cache = ScoreCache(size=4, stale_epochs=1)
     cache.store(indices, Scores(losses=torch.ones(2)), epoch=0)
     assert DeviceResident.reads
+
+
+REGRESSION_CASES = [
+    *[("patch, [N] head", selector) for selector in ("random", "topk", "loss")],
+    *[("mixin", selector) for selector in SELECTORS],
+]
+
+
+@pytest.mark.parametrize(("module", "selector"), REGRESSION_CASES)
+def test_a_regression_reads_its_targets_on_the_first_step_only(module: str, selector: str) -> None:
+    def make() -> pl.LightningModule:
+        return Regressor(squeeze=True) if module.startswith("patch") else MixinRegressor()
+
+    data = regression_data(n=BATCH * STEPS, squeeze=module.startswith("patch"))
+    full = _fit(make(), data)
+    baseline = max(full.after_warm_up(), key=lambda syncs: sum(syncs.values()))
+    counter = _fit(make(), data, SelectiveBackprop(selector, keep=0.5))
+    assert _excess(counter.after_warm_up(), baseline) == [Counter()] * len(counter.after_warm_up())
+    # The first selective step chooses the loss from the targets' values and checks the losses: the count sees it.
+    assert counter.per_step[0] - baseline

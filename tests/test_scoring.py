@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from lightning_sbp.recipes import DigitsDataModule
-from lightning_sbp.scoring import LastLayerCapture, Scorer
+from lightning_sbp.scoring import LastLayerCapture, Scorer, ScoringError
 
 
 class Counter(nn.Module):
@@ -123,7 +123,60 @@ def test_last_layer_capture_errors_name_the_layer_and_the_fix() -> None:
         capture.take(torch.zeros(2, 3))
     with capture.armed():
         layer(torch.zeros(2, 4))
-    with pytest.raises(RuntimeError, match=r"output of 'head' has shape \(2, 3\).*the logits have shape \(2, 5\)"):
+    mismatch = r"output of 'head' has shape \(2, 3\).*loss reads have shape \(2, 5\)"
+    with pytest.raises(ScoringError, match=mismatch) as info:
         capture.take(torch.zeros(2, 5))
+    assert "last_layer=" in str(info.value) and "track_grad_error=False" in str(info.value)
+    with pytest.raises(ScoringError, match=r"loss reads have shape \(6,\)") as info:
+        capture.take(torch.zeros(6))  # the layer's output reshaped: naming another layer would not help
+    assert "last_layer=" not in str(info.value) and "return it as the layer gives it" in str(info.value)
     assert capture.take(torch.zeros(2, 3)).shape == (2, 4)
     assert not layer._forward_hooks, "the hook is removed when disarmed"
+
+
+def test_a_one_output_head_squeezed_to_n_is_read_as_n_by_1() -> None:
+    layer = nn.Linear(4, 1)
+    capture = LastLayerCapture(layer, "head")
+    features = torch.randn(5, 4)
+    with capture.armed():
+        outputs = layer(features).squeeze(-1)
+    assert torch.equal(capture.take(outputs), features)
+    wide = LastLayerCapture(nn.Linear(4, 2), "wide")
+    with wide.armed():
+        squeezed = wide.layer(features).squeeze(-1)
+    with pytest.raises(ScoringError):
+        wide.take(squeezed[:, 0])  # one column of two outputs is not the layer's output
+
+
+class Regression(pl.LightningModule):
+    """A regression head with one output, squeezed to ``[N]`` or not."""
+
+    def __init__(self, squeeze: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
+        self.head = nn.Linear(8, 1)
+        self.squeeze = squeeze
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.head(self.body(x))
+        return out.squeeze(-1) if self.squeeze else out
+
+
+def test_a_squeezed_head_scores_as_the_same_head_unsqueezed() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 5, generator=generator), torch.randn(12, generator=generator)
+    scored = {}
+    for squeeze in (True, False):
+        model, scorer = Regression(squeeze), Scorer()
+        scorer.capture = LastLayerCapture(model.head, "head")
+        scored[squeeze] = scorer.score(model, (x, y if squeeze else y[:, None]))
+    squeezed, column = scored[True], scored[False]
+    assert squeezed.logit_grads is not None and squeezed.features is not None
+    assert squeezed.logit_grads.shape == squeezed.logits.shape == (12, 1)
+    for field in ("losses", "logits", "logit_grads", "features"):
+        torch.testing.assert_close(getattr(squeezed, field), getattr(column, field), rtol=0, atol=0)
+    # The gradient of the squared error with respect to the one output is 2 (output - target); in float32 the
+    # subtraction rounds once (half an ulp, 6e-8 relative) and the doubling is exact.
+    expected = 2 * (column.logits.double() - y[:, None].double())
+    torch.testing.assert_close(squeezed.logit_grads.double(), expected, rtol=1e-6, atol=1e-7)

@@ -10,7 +10,11 @@ from lightning_sbp.functional.grad_error import (
     subset_gradient_error,
 )
 from lightning_sbp.functional.gram import gradient_gram, gradient_norm_bound, last_layer_gram, logit_gradients
-from lightning_sbp.functional.loss import per_example_cross_entropy
+from lightning_sbp.functional.loss import (
+    per_example_binary_cross_entropy,
+    per_example_cross_entropy,
+    per_example_squared_error,
+)
 from lightning_sbp.functional.omp import omp_gram
 from lightning_sbp.functional.resize import downscale
 from lightning_sbp.functional.sketch import gradient_sketch
@@ -26,7 +30,9 @@ __all__ = [
     "last_layer_gram",
     "logit_gradients",
     "omp_gram",
+    "per_example_binary_cross_entropy",
     "per_example_cross_entropy",
+    "per_example_squared_error",
     "random_subset_gradient_error",
     "relative_gradient_error",
     "subset_gradient_error",

@@ -1,4 +1,4 @@
-"""The default per-example loss of the scoring pass."""
+"""The per-example losses the scoring pass chooses from when none is given."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ from torch import Tensor
 
 from lightning_sbp.functional._inputs import DEFAULT_CHUNK_ELEMENTS, row_blocks
 
-__all__ = ["IGNORE_INDEX", "per_example_cross_entropy"]
+__all__ = [
+    "IGNORE_INDEX",
+    "per_example_binary_cross_entropy",
+    "per_example_cross_entropy",
+    "per_example_squared_error",
+]
 
 IGNORE_INDEX = -100
 
@@ -46,3 +51,36 @@ def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     per_position = F.cross_entropy(logits.float().movedim(-1, 1), targets, reduction="none", ignore_index=IGNORE_INDEX)
     counted = (targets != IGNORE_INDEX).flatten(1).sum(dim=1)
     return per_position.flatten(1).sum(dim=1) / counted.clamp_min(1)
+
+
+def per_example_squared_error(outputs: Tensor, targets: Tensor) -> Tensor:
+    """The mean squared error of each example over its outputs, in float32: a regression's loss.
+
+    Args:
+        outputs: ``[N, ...]``, any shape whose rows hold as many values as the targets' rows (``[N]`` and
+            ``[N, 1]`` both hold one).
+        targets: ``[N, ...]``, of any floating or integer dtype.
+
+    Returns:
+        The losses, shape ``[N]``.
+    """
+    n = outputs.shape[0]
+    residuals = outputs.float().reshape(n, -1) - targets.float().reshape(n, -1)
+    return residuals.square().mean(dim=1)
+
+
+def per_example_binary_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """The binary cross-entropy with logits of each example, averaged over its outputs, in float32.
+
+    The loss of a binary classifier with one logit, or of a multi-label classifier with one logit per label.
+
+    Args:
+        logits: ``[N, ...]``, any shape whose rows hold as many values as the targets' rows.
+        targets: ``[N, ...]``, probabilities of the positive class (0 and 1 for hard labels).
+
+    Returns:
+        The losses, shape ``[N]``.
+    """
+    n = logits.shape[0]
+    flat_logits, flat_targets = logits.float().reshape(n, -1), targets.float().reshape(n, -1)
+    return F.binary_cross_entropy_with_logits(flat_logits, flat_targets, reduction="none").mean(dim=1)

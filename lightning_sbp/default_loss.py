@@ -1,0 +1,202 @@
+"""The per-example loss of a module that names none: chosen once from its targets' dtype, shape and values.
+
+Integer class indices are scored with cross-entropy. Other targets follow the rule transformers applies to
+its classification heads, refined by the values of the first batch: one output per example is a regression
+(squared error) unless every target is 0 or 1, which makes it a binary classifier's logit (binary
+cross-entropy with logits); floating-point targets of the outputs' shape are multi-hot labels (binary
+cross-entropy with logits) when every value is 0 or 1, soft class labels (cross-entropy) when every row is a
+probability distribution, and a regression with several outputs (squared error) otherwise. Cross-entropy on
+a single output, which is 0 whatever the model does, is never chosen.
+
+The choice reads the targets on the host, once, at the first call; every later call applies it without a
+host-device synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lightning_sbp.functional.loss import (
+    per_example_binary_cross_entropy,
+    per_example_cross_entropy,
+    per_example_squared_error,
+)
+
+__all__ = ["DefaultLoss", "LossChoice", "NoDefaultLoss", "choose_loss", "describe_targets"]
+
+
+class NoDefaultLoss(ValueError):
+    """No default per-example loss fits a module's outputs and targets.
+
+    Attributes:
+        reason: the shapes and dtypes, and why no rule fits them.
+    """
+
+    def __init__(self, reason: str, option: str | None = None) -> None:
+        super().__init__(reason if option is None else f"{reason}; set the loss with {option}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class LossChoice:
+    """A per-example loss and why it fits the targets.
+
+    Attributes:
+        loss_fn: ``(outputs, targets) -> [N]`` losses in float32.
+        name: what the loss is, for messages.
+        reason: what of the targets made it the choice, for messages.
+        inferred: whether anything but integer class indices decided it (then the choice is worth saying).
+    """
+
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    name: str
+    reason: str
+    inferred: bool = True
+
+
+def choose_loss(outputs: Tensor, targets: Any) -> LossChoice:
+    """The per-example loss that fits ``targets`` for model outputs ``outputs`` (see the module's rule).
+
+    Integer targets that are not one per example are decided by dtype and shape alone; every other case
+    reads the targets' values on the host.
+
+    Raises:
+        NoDefaultLoss: when no rule fits, naming the shapes and why.
+    """
+    if not isinstance(targets, Tensor) or targets.dim() == 0 or outputs.dim() == 0:
+        raise NoDefaultLoss(_no_rule(outputs, targets, "the targets are not a tensor with one row per example"))
+    n = outputs.shape[0]
+    if targets.shape[0] != n:
+        raise NoDefaultLoss(_no_rule(outputs, targets, f"the outputs have {n} rows and the targets {targets.shape[0]}"))
+    floating = targets.is_floating_point() or targets.dtype == torch.bool
+    if outputs.numel() == n and targets.numel() == n:
+        if bool(_all_binary(targets)):
+            return LossChoice(
+                per_example_binary_cross_entropy,
+                "binary cross-entropy with logits",
+                "the module gives one output per example and every target is 0 or 1, as a binary classifier's logit",
+            )
+        return LossChoice(
+            per_example_squared_error,
+            "squared error",
+            "the module gives one output per example and its targets take values other than 0 and 1, as a regression's",
+        )
+    if not floating:
+        return LossChoice(per_example_cross_entropy, "cross-entropy", "the targets are class indices", inferred=False)
+    if targets.shape == outputs.shape:
+        binary, distributions = torch.stack([_all_binary(targets), _all_distributions(targets)]).tolist()
+        if binary:
+            return LossChoice(
+                per_example_binary_cross_entropy,
+                "binary cross-entropy with logits",
+                "the targets have the outputs' shape and every value is 0 or 1: multi-hot labels, as a multi-label "
+                "classifier's",
+            )
+        if distributions and outputs.dim() == 2:
+            return LossChoice(
+                per_example_cross_entropy,
+                "cross-entropy against class probabilities",
+                "the targets have the outputs' shape and every row is a probability distribution: soft class "
+                "labels, as mixup or cutmix make them",
+            )
+        return LossChoice(
+            per_example_squared_error,
+            "squared error",
+            "the targets have the outputs' shape and values other than 0 and 1: a regression with several outputs",
+        )
+    if targets.shape == outputs.shape[:-1] and bool(_all_class_indices(targets, outputs.shape[-1])):
+        return LossChoice(
+            class_indices_cross_entropy,
+            "cross-entropy",
+            "the targets are whole numbers below the number of outputs, one per example: class indices stored as "
+            "floating point",
+        )
+    raise NoDefaultLoss(
+        _no_rule(
+            outputs,
+            targets,
+            "class indices get cross-entropy, and floating-point targets need one output per example or the "
+            "outputs' shape",
+        )
+    )
+
+
+def class_indices_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-example cross-entropy of class indices stored in a floating-point tensor."""
+    return per_example_cross_entropy(logits, targets.long())
+
+
+def _all_binary(targets: Tensor) -> Tensor:
+    return ((targets == 0) | (targets == 1)).all()
+
+
+def _all_distributions(targets: Tensor) -> Tensor:
+    # Rows stored in the targets' dtype sum to 1 within half an ulp of that dtype per unit of mass (the values
+    # are non-negative and sum to 1), and a float32 sum of C values adds at most C float32 ulps.
+    values = targets.float()
+    tolerance = torch.finfo(targets.dtype).eps + targets.shape[-1] * torch.finfo(torch.float32).eps
+    return (values >= 0).all() & ((values.sum(dim=-1) - 1).abs() <= tolerance).all()
+
+
+def _all_class_indices(targets: Tensor, classes: int) -> Tensor:
+    return ((targets == targets.round()) & (targets >= 0) & (targets < classes)).all()
+
+
+def describe_targets(targets: Any) -> str:
+    """``"<dtype> targets of shape <shape>"``, or the type of targets that are not a tensor, for messages."""
+    if isinstance(targets, Tensor):
+        return f"{targets.dtype} targets of shape {tuple(targets.shape)}"
+    return f"targets of type {type(targets).__name__}"
+
+
+def _no_rule(outputs: Tensor, targets: Any, why: str) -> str:
+    return (
+        f"no default per-example loss fits outputs of shape {tuple(outputs.shape)} and {describe_targets(targets)}: "
+        f"{why}"
+    )
+
+
+class DefaultLoss:
+    """The per-example loss :func:`choose_loss` picks at the first call, applied to every call after it.
+
+    Args:
+        subject: what the announcement says before the loss's name, e.g. ``"SelectiveBackprop scores Net with the"``.
+        option: what sets another loss, e.g. ``"SelectiveBackprop(loss_fn=...)"``.
+
+    Attributes:
+        choice: the loss chosen at the first call; ``None`` before it.
+    """
+
+    def __init__(self, subject: str, option: str) -> None:
+        self.subject = subject
+        self.option = option
+        self.choice: LossChoice | None = None
+
+    def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Per-example losses ``[N]`` in float32.
+
+        Raises:
+            NoDefaultLoss: at the first call, when no default loss fits the targets, naming the option that sets one.
+        """
+        if self.choice is None:
+            try:
+                self.choice = choose_loss(outputs, targets)
+            except NoDefaultLoss as error:
+                raise NoDefaultLoss(error.reason, self.option) from None
+            if self.choice.inferred:
+                rank_zero_info(
+                    f"{self.subject} {self.choice.name} of each example: {self.choice.reason}. "
+                    f"Set another with {self.option}."
+                )
+        return self.choice.loss_fn(outputs, targets)
+
+    @property
+    def name(self) -> str:
+        """The chosen loss, or ``"the default loss"`` before the first call."""
+        return self.choice.name if self.choice is not None else "the default loss"

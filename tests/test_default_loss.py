@@ -1,0 +1,180 @@
+"""The default per-example loss follows the targets: each rule against an independent float64 reference."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from dispatch import DispatchRecorder
+from torch import Tensor
+
+from lightning_sbp.default_loss import DefaultLoss, NoDefaultLoss, choose_loss
+
+# The losses are a few float32 operations per output averaged over at most 6 outputs, on values of magnitude
+# at most about 4: their error is a few float32 ulps (1.2e-7) of the loss and of the outputs' magnitude.
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def squared_error(outputs: Tensor, targets: Tensor) -> Tensor:
+    n = outputs.shape[0]
+    return F.mse_loss(outputs.double().reshape(n, -1), targets.double().reshape(n, -1), reduction="none").mean(1)
+
+
+def binary_cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+    n = outputs.shape[0]
+    probabilities = torch.sigmoid(outputs.double().reshape(n, -1))
+    return F.binary_cross_entropy(probabilities, targets.double().reshape(n, -1), reduction="none").mean(1)
+
+
+def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+    log_probabilities = torch.log_softmax(outputs.double(), dim=-1)
+    if targets.is_floating_point() and targets.shape == outputs.shape:
+        return -(targets.double() * log_probabilities).sum(-1)
+    return -log_probabilities.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+
+
+def generator() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def soft_labels(n: int, classes: int) -> Tensor:
+    g = generator()
+    first, second = torch.randint(classes, (n,), generator=g), torch.randint(classes, (n,), generator=g)
+    mix = torch.rand(n, 1, generator=g)
+    return mix * F.one_hot(first, classes) + (1 - mix) * F.one_hot(second, classes)
+
+
+CASES: dict[str, tuple[tuple[int, ...], Callable[[], Tensor], str, Callable[[Tensor, Tensor], Tensor]]] = {
+    # name: (outputs' shape, targets, the loss's name, reference)
+    "class indices": ((8, 4), lambda: torch.randint(4, (8,), generator=generator()), "cross-entropy", cross_entropy),
+    "regression [N, 1]": ((8, 1), lambda: torch.randn(8, 1, generator=generator()), "squared error", squared_error),
+    "regression [N]": ((8,), lambda: torch.randn(8, generator=generator()), "squared error", squared_error),
+    "regression [N, 1] on [N] targets": (
+        (8, 1),
+        lambda: torch.randn(8, generator=generator()),
+        "squared error",
+        squared_error,
+    ),
+    "integer ratings on one output": (
+        (8,),
+        lambda: torch.randint(1, 6, (8,), generator=generator()),
+        "squared error",
+        squared_error,
+    ),
+    "binary logit, float labels": (
+        (8, 1),
+        lambda: torch.randint(2, (8, 1), generator=generator()).float(),
+        "binary cross-entropy with logits",
+        binary_cross_entropy,
+    ),
+    "binary logit, integer labels": (
+        (8,),
+        lambda: torch.randint(2, (8,), generator=generator()),
+        "binary cross-entropy with logits",
+        binary_cross_entropy,
+    ),
+    "multi-hot labels": (
+        (8, 5),
+        lambda: torch.randint(2, (8, 5), generator=generator()).float(),
+        "binary cross-entropy with logits",
+        binary_cross_entropy,
+    ),
+    "soft labels": ((8, 5), lambda: soft_labels(8, 5), "cross-entropy against class probabilities", cross_entropy),
+    "soft labels in bfloat16": (
+        (8, 5),
+        lambda: soft_labels(8, 5).bfloat16(),
+        "cross-entropy against class probabilities",
+        cross_entropy,
+    ),
+    "regression with several outputs": (
+        (8, 3),
+        lambda: torch.randn(8, 3, generator=generator()),
+        "squared error",
+        squared_error,
+    ),
+    "class indices stored as floats": (
+        (8, 4),
+        lambda: torch.randint(4, (8,), generator=generator()).float(),
+        "cross-entropy",
+        cross_entropy,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_rule_picks_its_loss_and_computes_it_per_example(case: str) -> None:
+    shape, make_targets, name, reference = CASES[case]
+    outputs = 2 * torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    targets = make_targets()
+    choice = choose_loss(outputs, targets)
+    assert choice.name == name
+    losses = choice.loss_fn(outputs, targets)
+    assert losses.dtype == torch.float32 and losses.shape == (shape[0],)
+    torch.testing.assert_close(losses.double(), reference(outputs, targets), **TOLERANCE)
+    assert losses.std() > 0, "a loss that does not depend on the outputs would rank nothing"
+
+
+def test_cross_entropy_on_a_single_output_is_never_chosen() -> None:
+    outputs, targets = torch.randn(8, 1), torch.randn(8, 1)
+    assert torch.equal(F.cross_entropy(outputs, targets, reduction="none"), torch.zeros(8)), "the trap it avoids"
+    assert choose_loss(outputs, targets).name == "squared error"
+
+
+def test_class_indices_are_decided_without_reading_the_device() -> None:
+    outputs, targets = torch.randn(8, 4), torch.randint(4, (8,))
+    with DispatchRecorder() as recorder:
+        choice = choose_loss(outputs, targets)
+    assert choice.name == "cross-entropy" and not choice.inferred
+    assert recorder.host_syncs() == {}
+    with DispatchRecorder() as recorder:
+        choose_loss(torch.randn(8, 1), torch.randn(8, 1))
+    assert recorder.host_syncs(), "the values of floating targets are read: the recorder sees it"
+
+
+@pytest.mark.parametrize(
+    ("outputs", "targets", "why"),
+    [
+        (torch.randn(8, 4), torch.randn(8), "floating-point targets need"),  # not whole numbers: not indices
+        (torch.randn(8, 4), torch.randn(8, 3), "floating-point targets need"),
+        (torch.randn(8, 4), torch.randint(4, (6,)), "8 rows and the targets 6"),
+        (torch.randn(8, 4), [1, 2], "not a tensor"),
+    ],
+)
+def test_targets_no_rule_fits_are_an_error_naming_the_shapes(outputs: Tensor, targets: object, why: str) -> None:
+    with pytest.raises(NoDefaultLoss, match=r"no default per-example loss fits outputs of shape \(8, 4\)") as info:
+        choose_loss(outputs, targets)
+    assert why in str(info.value)
+
+
+def test_the_default_loss_chooses_once_says_so_once_and_then_reads_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    loss = DefaultLoss("Net is scored with the", "loss_fn")
+    outputs, targets = torch.randn(8, 1), torch.randn(8, 1)
+    with caplog.at_level(logging.INFO):
+        loss(outputs, targets)
+        with DispatchRecorder() as recorder:
+            later = loss(outputs, targets.clamp(0, 1).round())  # binary values now: the choice stands
+    said = [record.getMessage() for record in caplog.records if "Net is scored" in record.getMessage()]
+    assert said == [
+        "Net is scored with the squared error of each example: the module gives one output per example and its "
+        "targets take values other than 0 and 1, as a regression's. Set another with loss_fn."
+    ]
+    assert recorder.host_syncs() == {}
+    torch.testing.assert_close(later.double(), squared_error(outputs, targets.clamp(0, 1).round()), **TOLERANCE)
+
+
+def test_targets_no_rule_fits_name_the_option_that_sets_a_loss() -> None:
+    loss = DefaultLoss("Net is scored with the", "an override of Net.sbp_loss")
+    with pytest.raises(ValueError, match=r"no default per-example loss fits .* set the loss with an override of Net"):
+        loss(torch.randn(4, 3), torch.randn(4, 2))
+    assert loss.choice is None
+
+
+def test_class_indices_are_not_announced(caplog: pytest.LogCaptureFixture) -> None:
+    loss = DefaultLoss("Net is scored with the", "loss_fn")
+    with caplog.at_level(logging.INFO):
+        loss(torch.randn(4, 3), torch.randint(3, (4,)))
+    assert not [record for record in caplog.records if "Net is scored" in record.getMessage()]
+    assert loss.name == "cross-entropy"
