@@ -445,16 +445,28 @@ def test_omp_matches_the_batch_gradient_better_than_random_subsets() -> None:
 # --- registry and arguments ------------------------------------------------------------------------
 
 
-def test_registry_knows_the_built_in_selectors() -> None:
-    assert set(NAMES) <= set(available_selectors())
-    assert isinstance(get_selector("random"), RandomSelector)
-    assert isinstance(get_selector("topk"), TopKSelector)
-    assert isinstance(get_selector("loss", history=16), LossSelector)
-    assert isinstance(get_selector("gradnorm"), GradNormSelector)
-    assert isinstance(get_selector("omp", weights="uniform"), OMPSelector)
-    assert GradNormSelector.needs_last_layer and GradNormSelector.weighted
-    assert OMPSelector.needs_last_layer and OMPSelector.weighted
-    assert not LossSelector.needs_last_layer and not LossSelector.weighted
+@pytest.mark.parametrize("name", NAMES)
+def test_a_selector_reads_the_last_layer_only_when_it_says_so(name: str) -> None:
+    # The scoring pass captures the last layer only for selectors that declare needs_last_layer: the others
+    # must select from the losses alone, and those that declare it must say what is missing.
+    assert name in available_selectors()
+    selector = get_selector(name)
+    losses_only = Scores(random_scores(16, seed=8).losses)
+    if selector.needs_last_layer:
+        with pytest.raises(RuntimeError, match="needs the inputs of the final linear layer"):
+            selector.select(losses_only, 4, generator())
+    else:
+        assert_valid(selector.select(losses_only, 4, generator()), 16, 4)
+
+
+def test_get_selector_passes_its_arguments_to_the_selector() -> None:
+    selector = get_selector("loss", history=16)
+    selector.select(Scores(torch.rand(40, generator=generator(1))), 4, generator())
+    assert selector.state_dict()["losses"].shape == (16,), "the history keeps the 16 most recent losses"
+    raw, uniform = get_selector("omp"), get_selector("omp", weights="uniform")
+    scores = random_scores(24, seed=9)
+    assert torch.equal(uniform.select(scores, 6, generator()).weights, torch.ones(6))
+    assert not torch.equal(raw.select(scores, 6, generator()).weights, torch.ones(6))
 
 
 def test_unknown_selector_name_lists_the_registered_ones() -> None:
@@ -510,9 +522,24 @@ def test_a_misspelled_selector_argument_names_the_closest_one() -> None:
         get_selector("random", zzz=1)
 
 
-def test_repr_shows_the_arguments() -> None:
-    assert repr(LossSelector(history=8, beta=2.0)) == "LossSelector(history=8, beta=2.0)"
-    assert repr(OMPSelector(weights="raw", ridge=0.5, fused=True)) == (
-        "OMPSelector(weights='raw', nonnegative=False, dtype='float32', ridge=0.5, max_weight=8.0, sketch_dim=None, "
-        "fused=True)"
-    )
+@pytest.mark.parametrize(
+    "selector",
+    [
+        RandomSelector(),
+        TopKSelector(),
+        LossSelector(history=8, beta=2.0),
+        GradNormSelector(smoothing=0.25, normalize=True),
+        OMPSelector(weights="normalized", nonnegative=True, dtype="float64", ridge=0.5, max_weight=4.0),
+    ],
+    ids=repr,
+)
+def test_the_repr_is_a_constructor_call_that_rebuilds_the_selector(selector: Selector) -> None:
+    # A selector prints as the constructor call that rebuilds it: with every argument, so that a printed
+    # configuration reproduces the same selections.
+    classes = {cls.__name__: cls for cls in (RandomSelector, TopKSelector, LossSelector, GradNormSelector, OMPSelector)}
+    rebuilt = eval(repr(selector), classes)
+    assert repr(rebuilt) == repr(selector)
+    scores = random_scores(30, seed=10)
+    first, second = selector.select(scores, 8, generator(3)), rebuilt.select(scores, 8, generator(3))
+    assert torch.equal(first.indices, second.indices)
+    assert torch.equal(first.weights, second.weights)
