@@ -1,0 +1,92 @@
+"""Tolerances from the error model of what a test compares, so that they hold on any processor and thread count.
+
+Rounding: a sum of ``n`` terms computed in any order, by any kernel, errs by at most ``γ_n Σ|terms|`` with
+``γ_n = n u / (1 − n u)`` and ``u = eps / 2`` (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1).
+So an inner product's error is bounded by the inner product of the absolute values, not by the result, which
+may cancel to nothing. A linear solve that is backward stable errs by about ``n u κ(A) ‖x‖``.
+
+Sampling: a Monte Carlo estimate is compared with ``SIGMAS`` of its standard errors, estimated from the draws
+themselves, so that a fixed-seed test keeps a wide margin wherever the draws' last bits land.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SIGMAS",
+    "assert_within",
+    "frequency_tolerance",
+    "gamma",
+    "mean_tolerance",
+    "solve_tolerance",
+]
+
+SIGMAS = 5.0
+"""Standard errors allowed to a Monte Carlo estimate: a normal deviate beyond 5 has probability 6e-7."""
+
+
+def gamma(terms: int, dtype: torch.dtype) -> float:
+    """``γ_n``: the relative error bound of a sum or inner product of ``terms`` terms in ``dtype``."""
+    unit = torch.finfo(dtype).eps / 2
+    if terms * unit >= 1:
+        raise ValueError(f"{terms} terms are too many for a rounding bound in {dtype}")
+    return terms * unit / (1 - terms * unit)
+
+
+def solve_tolerance(
+    matrix: Tensor,
+    solution: Tensor,
+    dtype: torch.dtype,
+    matrix_error: Tensor | None = None,
+    rhs_error: Tensor | None = None,
+    slack: float = 4.0,
+) -> float:
+    """Forward error bound of a backward-stable solve of ``A x = b`` in ``dtype``, with ``A`` and ``b`` perturbed.
+
+    ``‖δx‖ ≤ ‖A⁻¹‖ (slack · γ_n ‖A‖ ‖x‖ + ‖δA‖ ‖x‖ + ‖δb‖)``: the solve's own rounding (``slack`` covers the
+    few steps of a factorisation and its substitutions) and the rounding of its inputs, given as entrywise
+    bounds ``matrix_error`` and ``rhs_error`` when they were computed apart from the reference. ``A`` is the
+    system actually solved (for least squares through the Gram matrix, ``XᵀX``, with ``κ(XᵀX) = κ(X)²``); its
+    norms are computed in float64. The bound on ``‖δx‖`` bounds every entry of ``δx``.
+    """
+    size = matrix.shape[0]
+    if size == 0:
+        return 0.0
+    matrix = matrix.double()
+    norm = float(torch.linalg.vector_norm(solution.double()))
+    inverse_norm = 1 / float(torch.linalg.svdvals(matrix).min())
+    perturbation = slack * gamma(size, dtype) * float(torch.linalg.matrix_norm(matrix, ord=2)) * norm
+    if matrix_error is not None:
+        perturbation += float(torch.linalg.matrix_norm(matrix_error.double())) * norm
+    if rhs_error is not None:
+        perturbation += float(torch.linalg.vector_norm(rhs_error.double()))
+    return inverse_norm * perturbation
+
+
+def mean_tolerance(samples: Tensor) -> float:
+    """``SIGMAS`` standard errors of the mean of ``samples`` (one draw per entry), from their own spread."""
+    samples = samples.double()
+    return SIGMAS * float(samples.std()) / math.sqrt(samples.numel())
+
+
+def frequency_tolerance(probability: Tensor, draws: int) -> Tensor:
+    """``SIGMAS`` binomial standard errors of a frequency over ``draws`` draws, plus one draw for the rounding."""
+    probability = probability.double()
+    return SIGMAS * (probability * (1 - probability) / draws).sqrt() + 1 / draws
+
+
+def assert_within(actual: Tensor, expected: Tensor, bound: Tensor | float, what: str = "") -> None:
+    """Assert ``|actual − expected| <= bound`` entrywise, naming the worst entry's share of the bound."""
+    difference = (actual.double() - expected.double()).abs()
+    bound = torch.as_tensor(bound, dtype=torch.float64)
+    within = difference <= bound
+    if not bool(within.all()):
+        share = difference / bound.clamp_min(torch.finfo(torch.float64).tiny)
+        raise AssertionError(
+            f"{what}: {int((~within).sum())} entries off by more than their bound, the worst by "
+            f"{float(share.max()):.3g} times it (difference {float(difference.max()):.3g})"
+        )
