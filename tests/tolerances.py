@@ -22,6 +22,7 @@ __all__ = [
     "frequency_tolerance",
     "gamma",
     "mean_tolerance",
+    "replay_tolerance",
     "solve_tolerance",
 ]
 
@@ -65,6 +66,16 @@ def solve_tolerance(
     if rhs_error is not None:
         perturbation += float(torch.linalg.vector_norm(rhs_error.double()))
     return inverse_norm * perturbation
+
+
+def replay_tolerance(expected: Tensor, terms: int) -> float:
+    """Bound on the difference of two evaluations of the same network on the same values, in any summation order.
+
+    Each entry of a gradient or activation sums at most ``terms`` products (the batch times the positions and
+    fan-in a weight is shared over); near initialisation they do not cancel much, so each term is taken to be
+    at most the tensor's largest entry: ``2 γ_terms max|expected|`` in the tensor's dtype.
+    """
+    return 2 * gamma(terms, expected.dtype) * float(expected.abs().max())
 
 
 def mean_tolerance(samples: Tensor) -> float:
