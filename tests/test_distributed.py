@@ -45,6 +45,7 @@ def test_gradient_of_one_step_is_the_mean_over_ranks_of_the_weighted_subset_grad
     firsts = [rank["steps"][0] for rank in ranks]
     assert all(first["step"] == 0 and first["indices"] is not None for first in firsts)
     assert all(first["indices"].shape == (4,) for first in firsts), "every rank keeps the same k"
+    # Least-squares weights differ from one by order one, far beyond allclose's float32 rounding allowance.
     assert any(not torch.allclose(first["weights"], torch.ones(4)) for first in firsts), "OMP weighs its subset"
     model = DDPClassifier()
     model.load_state_dict(initial)
