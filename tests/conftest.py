@@ -8,6 +8,7 @@ can be replayed with ``--randomly-seed``.
 """
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -31,9 +32,17 @@ import torch  # noqa: E402
 torch.set_num_threads(THREADS)
 
 
+@pytest.fixture(autouse=True)
+def _intra_op_threads() -> Iterator[None]:
+    """Start every test at ``THREADS`` threads: the profile and compare commands set their own count in-process."""
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
+    yield
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     """Print the thread count and, when the order was random, the seed that replays it."""
-    line = f"intra-op threads: {torch.get_num_threads()} ({THREADS_VARIABLE})"
+    line = f"intra-op threads: {THREADS} ({THREADS_VARIABLE})"
     if config.pluginmanager.hasplugin("randomly"):
         line += f"; random order, replay it with --randomly-seed={config.getoption('randomly_seed')}"
     terminalreporter.write_line(line)
