@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-floor test-gpu bench lint docs clean
+.PHONY: setup demo test test-threads test-floor test-gpu bench lint docs clean
 
 setup: $(STAMP)
 
@@ -16,24 +16,36 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/lightning-sbp compare --config examples/compare/digits.yaml --output runs/demo
 
+# The tests run in a random order (pytest-randomly; the seed is printed at the end, --randomly-seed=N replays
+# it) and list the slowest ones, so that a slow test is seen when it lands.
+PYTEST_FLAGS := -q -p no:cacheprovider --durations=15
+# The tests of the numerical code, run again at two intra-op threads by test-threads: another thread count
+# sums in another order.
+NUMERIC_TESTS := tests/test_functional_*.py tests/test_metrics.py tests/test_selectors*.py tests/test_omp_weights.py \
+	tests/test_tracking_sketch.py
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest $(PYTEST_FLAGS)
+
+test-threads: $(STAMP)
+	SBP_TEST_THREADS=2 $(BIN)/python -m pytest $(PYTEST_FLAGS) $(NUMERIC_TESTS)
 
 # The core tests against the dependency floors of pyproject.toml, in a venv of their own. Lightning 2.3
 # imports pkg_resources, which setuptools 81 removed. torch is the newest this machine's pip serves.
 FLOOR_VENV := .venv-floor
 FLOOR_STAMP := $(FLOOR_VENV)/.installed
 FLOOR_PINS := lightning==2.3.0 torchmetrics==1.0.0 'jsonargparse[signatures]==4.27.7' 'setuptools<81'
+FLOOR_TOOLS := pytest pytest-randomly scikit-learn scipy tensorboard
 FLOOR_TESTS := tests/test_callback.py tests/test_selectors.py tests/test_functional_*.py tests/test_metrics.py \
 	tests/test_schedule.py tests/test_imports.py tests/test_selection_step.py tests/test_mixed_precision.py
 
 $(FLOOR_STAMP): pyproject.toml
 	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
-	$(FLOOR_VENV)/bin/pip install --quiet --no-compile -e . $(FLOOR_PINS) pytest scikit-learn scipy tensorboard
+	$(FLOOR_VENV)/bin/pip install --quiet --no-compile -e . $(FLOOR_PINS) $(FLOOR_TOOLS)
 	touch $(FLOOR_STAMP)
 
 test-floor: $(FLOOR_STAMP)
-	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider $(FLOOR_TESTS)
+	$(FLOOR_VENV)/bin/python -m pytest $(PYTEST_FLAGS) $(FLOOR_TESTS)
 
 # The GPU checks: the tests marked gpu, then benchmark rows on the GPU. No set-up step and no network: it runs
 # with the interpreter at hand (.venv's when there is one), which needs the package and its test requirements.

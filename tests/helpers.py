@@ -211,23 +211,3 @@ def tiny_gpt2_config(vocab_size: int) -> dict[str, Any]:
         "bos_token_id": 0,
         "eos_token_id": 0,
     }
-
-
-def squared_error_tolerance(
-    gram: Tensor, indices: Tensor, weights: Tensor, length: int, eps: float = torch.finfo(torch.float64).eps
-) -> float:
-    """A bound on the rounding error of a squared relative gradient error formed in a dtype of machine ``eps``.
-
-    The squared error is ``‖Σ_i a_i g_i‖² / ‖ḡ‖²`` with ``a = w/k`` on the subset and ``−1/N`` everywhere. Formed
-    from ``K`` (entries that are inner products of length ``length``, then sums of up to ``N²`` products) or from
-    materialised gradients (sums of ``N`` rows, then a squared norm of length ``length``), each rounding is at
-    most ``eps`` relative to a term bounded by ``|a_i| |a_j| ‖g_i‖ ‖g_j‖``, so either error is below
-    ``(N² + length) · eps · (Σ_i |a_i| ‖g_i‖)² / ‖ḡ‖²`` (twice that bounds two computations compared). Near the
-    full batch the form cancels to 0: this is an absolute floor, whatever the processor's summation order.
-    ``gram`` is the float64 reference.
-    """
-    n, k = gram.shape[0], indices.shape[0]
-    norms = gram.diagonal().clamp(min=0).sqrt()
-    spread = (weights.abs().to(gram.dtype) * norms[indices]).sum() / k + norms.sum() / n
-    mean_sq = gram.sum() / n**2
-    return float(2 * (n * n + length) * eps * spread**2 / mean_sq)

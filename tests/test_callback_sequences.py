@@ -41,9 +41,11 @@ def _fit(selector: Any, steps: int = 8, **kwargs: Any) -> list[dict[str, float]]
 
 
 def test_omp_on_a_causal_lm_matches_the_batch_gradient_better_than_random() -> None:
-    steps = _fit("omp")
+    # Measured on every step: by default only the first of these eight is, and its value is repeated.
+    steps = _fit("omp", grad_error_every=1)
     ratios = [step["sbp/grad_error_ratio_step"] for step in steps]
-    assert len(ratios) == 8
+    assert len(ratios) == 8 and len(set(ratios)) > 1
+    # Measured: 0.47 to 0.54 on every step; a selector no better than random sits near 1.
     assert sum(ratio < 1 for ratio in ratios) >= 6, ratios
 
 
@@ -60,6 +62,7 @@ def test_exact_error_orders_selectors_as_the_last_layer_error_does() -> None:
         last_layer = statistics.mean(step["sbp/grad_error_step"] for step in steps)
         exact = statistics.mean(step["sbp/grad_error_exact_step"] for step in steps)
         errors[name] = (last_layer, exact)
+    # Measured: OMP's mean errors are 0.51 (last layer) and 0.55 (all parameters) of random's.
     assert errors["omp"][0] < 0.8 * errors["random"][0], errors
     assert errors["omp"][1] < 0.8 * errors["random"][1], errors
 

@@ -131,6 +131,7 @@ def test_the_table_holds_the_numbers_of_the_records(tiny: Path) -> None:
         assert float(row["train_seconds_mean"]) == record["train_seconds"]
         assert float(row["examples_backpropagated"]) == record["examples_backpropagated"]
         speedup = by_method["full"]["train_seconds"] / record["train_seconds"]
+        # The same float64 division, written with all its digits: equal to a few roundings.
         assert float(row["speedup"]) == pytest.approx(speedup, rel=1e-12)
         line = next(line for line in table.splitlines() if f"| {method} |" in line)
         assert format_mean_std(record["final"], None, 4) in line

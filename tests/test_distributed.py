@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from ddp_models import DDPClassifier, Recorder, SaveAt, ddp_trainer, load_ranks, points, weighted_subset_loss
+from tolerances import assert_within, gamma, replay_tolerance
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -44,6 +45,7 @@ def test_gradient_of_one_step_is_the_mean_over_ranks_of_the_weighted_subset_grad
     firsts = [rank["steps"][0] for rank in ranks]
     assert all(first["step"] == 0 and first["indices"] is not None for first in firsts)
     assert all(first["indices"].shape == (4,) for first in firsts), "every rank keeps the same k"
+    # Least-squares weights differ from one by order one, far beyond allclose's float32 rounding allowance.
     assert any(not torch.allclose(first["weights"], torch.ones(4)) for first in firsts), "OMP weighs its subset"
     model = DDPClassifier()
     model.load_state_dict(initial)
@@ -52,8 +54,9 @@ def test_gradient_of_one_step_is_the_mean_over_ranks_of_the_weighted_subset_grad
     names = [name for name, _ in model.named_parameters()]
     expected = torch.autograd.grad(torch.stack(losses).mean(), [p for _, p in model.named_parameters()])
     for first in firsts:
+        # The same float32 graph over two ranks' subsets of 4 examples, fan-in 16 at most, averaged by DDP.
         for name, grad in zip(names, expected, strict=True):
-            torch.testing.assert_close(first["grads"][name], grad)
+            assert_within(first["grads"][name], grad, replay_tolerance(grad, 2 * 4 * 16 + 2), name)
 
 
 def test_parameters_are_identical_on_both_ranks_after_several_steps(
@@ -107,8 +110,10 @@ def test_logged_epoch_metrics_agree_with_a_recomputation_from_both_ranks(
     last_epoch = [[s for s in rank["steps"] if s["step"] >= 4] for rank in ranks]
     assert [len(steps) for steps in last_epoch] == [4, 4]
     expected = EPOCH_METRICS[name](last_epoch)
-    assert ranks[0]["metrics"][name] == pytest.approx(expected, rel=1e-6)
-    assert ranks[1]["metrics"][name] == pytest.approx(expected, rel=1e-6), "synced: the same value on every rank"
+    # Means of 8 float32 step values (all positive), summed in another order: γ_8 in float32.
+    relative = gamma(8 + 2, torch.float32)
+    assert ranks[0]["metrics"][name] == pytest.approx(expected, rel=relative)
+    assert ranks[1]["metrics"][name] == pytest.approx(expected, rel=relative), "synced: the same value on every rank"
 
 
 @pytest.mark.parametrize("selector", ["random", "omp"])

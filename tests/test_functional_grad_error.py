@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import squared_error_tolerance
+from tolerances import SIGMAS, assert_within, squared_error_tolerance
 from torch import nn
 
 from lightning_sbp.functional.grad_error import random_subset_gradient_error, subset_gradient_error
@@ -57,15 +57,17 @@ def test_subset_gradient_error_matches_materialised_gradients(indices: list[int]
 
 def test_subset_gradient_error_of_the_full_batch_is_zero() -> None:
     _, gram = _per_example_setup(seed=1)
-    assert float(subset_gradient_error(gram, torch.arange(N))) == pytest.approx(0.0, abs=1e-6)
+    # Zero in exact arithmetic: the square root of the form's rounding error, at most the root of its bound.
+    error = float(subset_gradient_error(gram, torch.arange(N)))
+    assert error**2 <= squared_error_tolerance(gram, torch.arange(N), torch.ones(N, dtype=torch.float64), length=0)
 
 
 def test_subset_gradient_error_defaults_to_unit_weights() -> None:
     _, gram = _per_example_setup(seed=2)
     indices = torch.tensor([0, 5, 9])
-    torch.testing.assert_close(
-        subset_gradient_error(gram, indices), subset_gradient_error(gram, indices, torch.ones(3, dtype=torch.float64))
-    )
+    # The same operations on the same values: bitwise equal.
+    ones = torch.ones(3, dtype=torch.float64)
+    assert torch.equal(subset_gradient_error(gram, indices), subset_gradient_error(gram, indices, ones))
 
 
 def test_zero_mean_gradient() -> None:
@@ -88,10 +90,10 @@ def test_random_subset_gradient_error_matches_monte_carlo(k: int) -> None:
     subsets = torch.rand(trials, N, generator=generator).argsort(dim=1)[:, :k]
     mean = grads.mean(dim=0)
     errors_sq = (grads[subsets].mean(dim=1) - mean).square().sum(dim=1) / mean.square().sum()
-    monte_carlo = errors_sq.mean().sqrt()
     closed_form = random_subset_gradient_error(gram, k)
     assert closed_form.ndim == 0
-    assert float(closed_form) == pytest.approx(float(monte_carlo), rel=0.02)
+    # The mean squared error over the draws against the square of the closed form, within SIGMAS standard errors.
+    assert abs(float(errors_sq.mean()) - float(closed_form) ** 2) <= SIGMAS * float(errors_sq.std()) / trials**0.5
 
 
 def test_random_subset_gradient_error_of_the_full_batch_is_zero() -> None:
@@ -107,7 +109,10 @@ def test_float32_gram_is_supported() -> None:
     actual = subset_gradient_error(gram.float(), indices, weights)
     assert actual.dtype == torch.float32
     expected = _explicit_error(grads, indices, weights.double())
-    torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=1e-5)
+    # Squared, within the float32 form's rounding bound (the float64 reference's is far below it), plus the
+    # rounding of the Gram matrix to float32, one ulp of each entry.
+    tolerance = squared_error_tolerance(gram.float(), indices, weights, grads.shape[1] + 1)
+    assert abs(float(actual) ** 2 - float(expected) ** 2) <= tolerance
     assert random_subset_gradient_error(gram.float(), 3).dtype == torch.float32
 
 
@@ -126,8 +131,9 @@ def test_validation() -> None:
             random_subset_gradient_error(gram, k)
 
 
-def _sequence_setup(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example gradients of a causal-LM head (shifted, padded targets) by autograd, and their Gram matrix."""
+def _sequence_setup(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example gradients of a causal-LM head (shifted, padded targets) by autograd, their Gram matrix, and
+    the norms of ``Σ_t |p_it| ⊗ [|h_it|, 1]``, which bound the terms the Gram entries sum over positions."""
     torch.manual_seed(seed)
     positions = 5
     layer = nn.Linear(D, C).double()
@@ -146,17 +152,26 @@ def _sequence_setup(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(layer.parameters()))]))
     logits = layer(features).detach().requires_grad_(True)
     (logit_grads,) = torch.autograd.grad(losses(logits, targets).sum(), logits)
-    return torch.stack(rows), gradient_gram(features, logit_grads)
+    with_bias = torch.cat([features.abs(), torch.ones(N, positions, 1, dtype=torch.float64)], dim=2)
+    magnitudes = torch.einsum("ntc,ntd->ncd", logit_grads.abs(), with_bias).flatten(1).norm(dim=1)
+    return torch.stack(rows), gradient_gram(features, logit_grads), magnitudes
 
 
 def test_gradient_errors_of_sequence_heads_match_materialised_gradients() -> None:
-    grads, gram = _sequence_setup()
+    grads, gram, magnitudes = _sequence_setup()
     indices, weights = torch.tensor([1, 4, 6, 10]), torch.tensor([0.5, 1.5, 1.0, 1.0], dtype=torch.float64)
-    torch.testing.assert_close(
-        subset_gradient_error(gram, indices, weights), _explicit_error(grads, indices, weights), rtol=1e-8, atol=1e-10
-    )
+    # As for one position, compared squared; the Gram entries sum position pairs that may cancel, so the bound
+    # takes the magnitudes of their terms, with the T² (D + 1) C products of each entry as its length.
+    length = 5 * 5 * (D + 1) * C
+    tolerance = squared_error_tolerance(gram, indices, weights, length, magnitudes)
+    actual, expected = subset_gradient_error(gram, indices, weights), _explicit_error(grads, indices, weights)
+    assert abs(float(actual) ** 2 - float(expected) ** 2) <= tolerance
     k = 4
     mean = grads.mean(dim=0)
     spread = (grads - mean).square().sum(dim=1).mean()
-    expected = torch.sqrt((N - k) / (k * (N - 1)) * spread) / mean.norm()
-    torch.testing.assert_close(random_subset_gradient_error(gram, k), expected, rtol=1e-8, atol=1e-10)
+    expected_sq = (N - k) / (k * (N - 1)) * spread / mean.square().sum()
+    # tr(K)/N − 1ᵀK1/N² errs by at most γ (Σ_i ν_i²/N + (Σ_i ν_i/N)²) on either side, as the form above does.
+    eps = torch.finfo(torch.float64).eps
+    terms = magnitudes.square().mean() + magnitudes.mean().square()
+    tolerance = float(2 * (N * N + length) * eps * terms / mean.square().sum())
+    assert_within(random_subset_gradient_error(gram, k).square(), expected_sq, tolerance, "random-subset error")

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import assert_within, gamma
 
 from lightning_sbp.functional.resize import downscale
 
@@ -21,7 +22,8 @@ def test_downscale_resamples_every_spatial_dimension(shape: tuple[int, ...], exp
 def test_bilinear_halving_of_a_smooth_image_averages_neighbours() -> None:
     image = torch.arange(16.0).view(1, 1, 4, 4)
     out = downscale(image, 0.5)
-    torch.testing.assert_close(out, F.avg_pool2d(image, 2))
+    # Interpolation weights of 1/2 in each dimension on integers below 16: a few float32 roundings of 16 at most.
+    assert_within(out, F.avg_pool2d(image, 2), gamma(4, torch.float32) * 16)
 
 
 def test_scale_one_is_the_identity_and_bad_inputs_are_named() -> None:

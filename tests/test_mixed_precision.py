@@ -16,8 +16,9 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import SmallCNN, blobs, loader, squared_error_tolerance, trainer
+from helpers import SmallCNN, blobs, loader, trainer
 from lightning.pytorch.plugins import MixedPrecision
+from tolerances import squared_error_tolerance
 from torch import Tensor
 from torch.utils.data import TensorDataset
 

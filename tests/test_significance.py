@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,21 @@ from lightning_sbp.compare.time_to_accuracy import first_reach, markdown_table, 
 
 stats = pytest.importorskip("scipy.stats")
 
+# Means and differences of a few dozen float64 values of order 1, summed in any order: a few dozen roundings.
+ARITHMETIC = 64 * sys.float_info.epsilon
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("df", [1, 2, 3, 4, 5, 8, 13, 30])
 @pytest.mark.parametrize("probability", [0.6, 0.9, 0.975, 0.995, 0.025])
 def test_t_quantile_matches_scipy(df: int, probability: float) -> None:
-    assert t_quantile(probability, df) == pytest.approx(stats.t.ppf(probability, df), rel=1e-9, abs=1e-12)
+    expected = stats.t.ppf(probability, df)
+    # Bisection stops at a bracket of 1e-13 relative; the distribution function it inverts sums about df terms
+    # of a few roundings each, an error in probability that moves the quantile by that over the density.
+    bracket = 1e-13 * max(1.0, abs(expected))
+    inversion = 8 * (df + 4) * sys.float_info.epsilon / stats.t.pdf(expected, df)
+    assert t_quantile(probability, df) == pytest.approx(expected, rel=0, abs=bracket + inversion)
 
 
 def test_t_quantile_refuses_bad_input() -> None:
@@ -35,9 +44,12 @@ def test_t_quantile_refuses_bad_input() -> None:
 def test_paired_interval_matches_scipy(differences: list[float]) -> None:
     interval = paired_interval(differences)
     low, high = stats.t.interval(0.95, len(differences) - 1, loc=stats.tmean(differences), scale=stats.sem(differences))
-    assert interval.mean == pytest.approx(sum(differences) / len(differences))
-    assert interval.low == pytest.approx(low, rel=1e-9)
-    assert interval.high == pytest.approx(high, rel=1e-9)
+    # A mean and a standard error of at most 5 values (a few dozen roundings of their magnitudes) and a quantile
+    # good to 1e-12 relative: 1e-11 of the interval's scale covers both.
+    scale = max(abs(value) for value in differences)
+    assert interval.mean == pytest.approx(sum(differences) / len(differences), rel=0, abs=ARITHMETIC * scale)
+    assert interval.low == pytest.approx(low, rel=0, abs=1e-11 * scale)
+    assert interval.high == pytest.approx(high, rel=0, abs=1e-11 * scale)
     # excluding 0 is the same decision as a paired t-test at the 5% level
     assert interval.significant == (stats.ttest_1samp(differences, 0.0).pvalue < 0.05)
 
@@ -104,7 +116,7 @@ def test_significance_column_separates_a_real_difference_from_noise(synthetic: A
     found = {(d.method, d.reference, d.quantity): d.interval for d in differences}
     assert found[("topk", "random", "final")].significant
     assert found[("topk", "random", "final")].mean == pytest.approx(
-        -0.08 + sum([0.004, -0.006, 0.002, -0.001, 0.005]) / 20
+        -0.08 + sum([0.004, -0.006, 0.002, -0.001, 0.005]) / 20, rel=0, abs=ARITHMETIC
     )
     assert not found[("omp", "random", "final")].significant
     assert found[("random", "full", "train_seconds")].significant  # 4 s faster on every seed
@@ -137,15 +149,17 @@ def test_time_to_target_counts_runs_that_never_reach_it(synthetic: Any) -> None:
     grid, rows, records = synthetic
     results = {r.method: r for r in time_to_target(rows, records, grid.mode, tolerance=0.01)}
     full_final = sum(0.91 + 0.01 * seed for seed in range(5)) / 5
-    assert results["full"].target == pytest.approx(full_final - 0.01)
+    assert results["full"].target == pytest.approx(full_final - 0.01, rel=0, abs=ARITHMETIC)
     # topk ends 0.09 below full on every seed: never there
     assert results["topk"].reached == 0 and results["topk"].seconds is None
     # random ends 0.01 below full: each seed counts at its first validation that reaches the target
     hits = [first_reach(r["validation"], full_final - 0.01, "max") for r in records if r["method"] == "random"]
     reached = [hit for hit in hits if hit is not None]
     assert len(reached) > 0 and results["random"].reached == len(reached)
-    assert results["random"].seconds == pytest.approx(sum(hit["train_seconds"] for hit in reached) / len(reached))
-    assert results["random"].speedup == pytest.approx(results["full"].seconds / results["random"].seconds)
+    seconds = sum(hit["train_seconds"] for hit in reached) / len(reached)
+    assert results["random"].seconds == pytest.approx(seconds, rel=ARITHMETIC)
+    speedup = results["full"].seconds / results["random"].seconds
+    assert results["random"].speedup == pytest.approx(speedup, rel=ARITHMETIC)
     table = markdown_table(list(results.values()), grid.metric)
     assert "| 0 | topk | 0.5 |" in table and "| 0/5 | never | never | – |" in table
 

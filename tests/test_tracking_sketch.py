@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -27,7 +29,11 @@ def test_the_sketched_gram_estimates_the_exact_one_and_is_drawn_apart_from_the_s
     tracker = GradientErrorTracker(sketch_dim=2048)
     sketched = tracker.gram(scores, seed=1)
     assert not torch.equal(sketched, exact)
-    assert (torch.linalg.matrix_norm(sketched - exact) / torch.linalg.matrix_norm(exact)).item() < 0.15
+    # The documented bound on the RMS relative error, sqrt((6 + 4/m) / m) tr(K) / ‖K‖_F, is 0.11 here. This seeded
+    # draw measures 0.03, a fifth of the threshold; a sketch of the wrong scale or variance errs by order 1.
+    error = torch.linalg.matrix_norm(sketched - exact) / torch.linalg.matrix_norm(exact)
+    bound = math.sqrt((6 + 4 / 2048) / 2048) * float(exact.diagonal().sum() / torch.linalg.matrix_norm(exact))
+    assert float(error) < 1.4 * bound
     # Another seed is another estimate, cached apart: a selector's sketch is never the tracker's.
     assert not torch.equal(tracker.gram(scores, seed=2), sketched)
     assert torch.equal(tracker.gram(scores, seed=1), sketched)

@@ -8,10 +8,18 @@ convolution of the count sketches of ``p`` and ``h``, computed with an FFT; and 
 the sketch of ``G_i`` is the sum over positions of the sketches of its terms, accumulated in the frequency
 domain. Its cost is ``O(N T (C + D + m log m))`` for ``N`` examples of ``T`` positions.
 
-Inner products of sketches estimate those of gradients without bias: ``E[s_i · s_j] = g_i · g_j``, with
-variance at most ``(‖g_i‖² ‖g_j‖² + (g_i · g_j)²) / m`` to leading order in ``1/m`` (the count sketch
-bound) and at most ``11 ‖g_i‖² ‖g_j‖² / m`` in all (the degree-two TensorSketch bound, ``(2 + 3²) / m``, of
-Avron, Nguyen and Woodruff, 2014). The error of each entry therefore falls like ``1 / sqrt(m)``.
+Inner products of sketches estimate those of gradients without bias: ``E[s_i · s_j] = g_i · g_j``. Two
+entries of ``G_i`` and ``G_j`` collide when their classes and their features both collide, as in a count
+sketch, but also when their classes are equal and their features collide, or the other way round. So, to
+leading order in ``1/m``,
+
+``m · Var[s_i · s_j] ≈ ‖G_i‖² ‖G_j‖² + (g_i · g_j)² + ‖G_i G_jᵀ‖² + tr((G_i G_jᵀ)²) + ‖G_iᵀ G_j‖² + tr((G_iᵀ G_j)²)``
+
+(Frobenius norms, less sums over single rows and columns; the exact expression, with its ``1/m²`` term, is in
+docs/selectors.md). Each of the four last terms can be as large as ``‖G_i‖² ‖G_j‖²``, as for the squared
+norm of a rank-one ``G_i`` (one position), so the count-sketch term ``(‖g_i‖² ‖g_j‖² + (g_i · g_j)²) / m``
+alone can be three times too small. In all, ``Var[s_i · s_j] ≤ (6 + 2 gcd(2, m) / m) ‖g_i‖² ‖g_j‖² / m
+≤ 10 ‖g_i‖² ‖g_j‖² / m``: the error of each entry falls like ``1 / sqrt(m)``.
 """
 
 from __future__ import annotations
