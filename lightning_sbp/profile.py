@@ -44,11 +44,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import BatchSizeFinder, Callback, EarlyStopping, LearningRateFinder
 
 from lightning_sbp.callback import SelectiveBackprop
 from lightning_sbp.functional.batch import batch_size, index_batch, subset_size
-from lightning_sbp.scoring import has_batch_norm
+from lightning_sbp.recipes.data import DatasetNotFoundError
+from lightning_sbp.scoring import ScoringError, has_batch_norm
 
 __all__ = [
     "DEFAULT_KEEPS",
@@ -374,27 +375,34 @@ class _Setup:
 
 
 def _build(configs: Sequence[str], extra: Sequence[str], warmup: int, steps: int) -> _Setup:
-    from lightning_sbp.cli import SelectiveBackpropCLI
+    from lightning_sbp.tool_cli import DiscardingLogger, ToolCLI
 
     args = [item for config in configs for item in ("--config", config)] + list(extra)
-    cli = SelectiveBackpropCLI(args=args, run=False, save_config_callback=None, parser_kwargs={"exit_on_error": False})
-    configured = cli.config_init.get("trainer", {}).get("callbacks") or []
-    configured = configured if isinstance(configured, list) else [configured]
-    sbp = next((cb for cb in configured if isinstance(cb, SelectiveBackprop)), None)
-    # Callbacks that need validation metrics or write checkpoints have no place in a timing run.
-    kept = [cb for cb in configured if not isinstance(cb, SelectiveBackprop | ModelCheckpoint | EarlyStopping)]
+    # Early stopping needs validation, which is off; tuners would search inside every timed fit.
+    timing_breakers = (SelectiveBackprop, EarlyStopping, BatchSizeFinder, LearningRateFinder)
+    cli = ToolCLI(
+        args=args,
+        run=False,
+        leave_out=timing_breakers,
+        save_config_callback=None,
+        parser_kwargs={"exit_on_error": False},
+    )
+    sbp = next((cb for cb in cli.configured_callbacks() if isinstance(cb, SelectiveBackprop)), None)
 
     def make_trainer(callbacks: list[Callback]) -> pl.Trainer:
         return cli.instantiate_trainer(
-            callbacks=[*kept, *callbacks],
+            callbacks=callbacks,
             max_epochs=None,
             max_steps=warmup + steps + 2,
+            max_time=None,
+            fast_dev_run=False,
+            overfit_batches=0.0,
             limit_train_batches=1.0,
             limit_val_batches=0,
             num_sanity_val_steps=0,
             val_check_interval=None,
             check_val_every_n_epoch=None,
-            logger=False,
+            logger=DiscardingLogger(),
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
@@ -487,9 +495,12 @@ Extra arguments are passed to LightningCLI after the configuration files, for ex
 callback in the configuration lends its scoring options (score_mode, score_precision,
 score_scale) to the scoring pass and to the selective steps; its selector and keep are not
 used (selection is by loss, topk: it measures the cost of a scored step, not the choice of examples).
-Validation, checkpoints and loggers are off during the fits.
+Validation, checkpoints, progress bars and logging are off during the fits; the configuration's
+other callbacks run as configured, except early stopping and the tuners (batch size and learning-rate
+finders), which would change what is timed.
 
-Exit status: 0 after a profile, 2 for bad input.
+Exit status: 0 after a profile, 2 for bad input, 1 for a dataset missing from disk or batches the
+scoring pass cannot read.
 """
 
 
@@ -538,7 +549,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         0 after a profile.
 
     Raises:
-        SystemExit: with status 2 and ``error: ...`` for bad input.
+        SystemExit: with status 2 and ``error: ...`` for bad input, 1 for a dataset missing from disk or
+            batches the scoring pass cannot read.
     """
     parser = build_parser()
     args, extra = parser.parse_known_args(sys.argv[2:] if argv is None else list(argv))
@@ -565,7 +577,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup = _build(args.config, extra, args.warmup, args.steps)
         except (ValueError, TypeError) as err:
             parser.error(" ".join(str(err).split()))
-        rounds, batch, ks = measure(setup, keeps, args.rounds, args.warmup, args.steps, advance)
+        try:
+            rounds, batch, ks = measure(setup, keeps, args.rounds, args.warmup, args.steps, advance)
+        except (DatasetNotFoundError, ScoringError) as err:
+            sys.stderr.write(f"error: {err}\n")
+            raise SystemExit(1) from None
     profile = analyse(rounds, batch, ks)
     print(format_report(profile), end="")
     if args.json:
