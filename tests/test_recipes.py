@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import WORDS, fake_data, tiny_tokenizer
 from helpers import trainer as quiet_trainer
 from torch import nn
 
@@ -56,18 +57,6 @@ def one_step(model: pl.LightningModule, datamodule: pl.LightningDataModule, tmp_
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True))
     assert "val/acc" in trainer.callback_metrics and "val/loss" in trainer.callback_metrics
     return recorder
-
-
-def fake_data(image_size: tuple[int, int, int] = (3, 32, 32), size: int = 24):
-    from torchvision.datasets import FakeData
-
-    def make_dataset(self: Any, split: str, transform: Any, download: bool) -> Any:
-        offset = 0 if split == "train" else 10_000
-        return FakeData(
-            size=size, image_size=image_size, num_classes=self.num_classes, transform=transform, random_offset=offset
-        )
-
-    return make_dataset
 
 
 # -- backbones ---------------------------------------------------------------------------------------
@@ -270,16 +259,6 @@ def test_digits_recipe_learns_and_tests_on_its_validation_split(tmp_path: Path) 
 
 
 # -- text --------------------------------------------------------------------------------------------------
-
-WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "was", "a", "film", "plot"]
-
-
-def tiny_tokenizer(folder: Path) -> str:
-    bert_tokenizer = importlib.import_module("transformers").BertTokenizerFast
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    bert_tokenizer(str(vocab)).save_pretrained(folder / "tokenizer")
-    return str(folder / "tokenizer")
 
 
 def tiny_bert(num_labels: int = 2) -> TextClassifier:
