@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
 
 from lightning_sbp.batches import BatchAdapter
 from lightning_sbp.distributed import check_private_parameters, check_strategy, gather_rank_states, own_rank_state
 from lightning_sbp.functional.batch import subset_size
-from lightning_sbp.mixin import SelectiveBackpropMixin
+from lightning_sbp.mixin import SelectiveBackpropMixin, subset_weights
 from lightning_sbp.schedule import Schedule
 from lightning_sbp.score_cache import (
     STORAGE_DTYPES,
@@ -32,14 +32,15 @@ from lightning_sbp.scoring import (
     ScoreMode,
     ScorePrecision,
     Scorer,
-    ScoringError,
     has_batch_norm,
 )
-from lightning_sbp.selectors import Scores, Selection, Selector, available_selectors, get_selector
-from lightning_sbp.selectors.seeds import mix_seed, step_generator
-from lightning_sbp.tracking import GradientErrorTracker, StepLog, subset_and_full_gradients
+from lightning_sbp.selection_step import SelectedBatch, SelectionStep
+from lightning_sbp.selectors import Selection, Selector, available_selectors, get_selector
+from lightning_sbp.tracking import StepLog
 
 __all__ = ["SelectiveBackprop"]
+
+GradErrorDtype = Literal["float32", "float64"]
 
 
 class SelectiveBackprop(BatchAdapter, Callback):
@@ -82,6 +83,8 @@ class SelectiveBackprop(BatchAdapter, Callback):
             with large vocabularies); ``None`` always measures exactly.
         exact_grad_error_every: every this many selective steps, also log ``sbp/grad_error_exact_*``,
             the same error over all trainable parameters from two extra backward passes; ``0`` never.
+        grad_error_dtype: the dtype of every gradient-error measurement, ``"float32"`` or ``"float64"``; they
+            run with autocast off whatever the trainer's precision.
         score_precision: ``"same"`` scores under the trainer's precision; ``"bf16"`` or ``"16"``
             score under autocast to bfloat16 or float16, whatever the training precision.
         score_scale: the scoring pass sees inputs resampled to this fraction of their spatial size,
@@ -102,6 +105,11 @@ class SelectiveBackprop(BatchAdapter, Callback):
             host memory (pinned under CUDA), at the price of a copy to the host on every scored step.
         checkpoint_score_cache: save the score cache in checkpoints; off by default, since it can be
             as large as the dataset's scores and a resumed run only re-scores one epoch without it.
+
+    Under mixed precision (``bf16-mixed``, ``16-mixed``) the scoring forward runs at the trainer's
+    precision (or ``score_precision``), and everything after it with autocast off: the logit gradients
+    in float32, the Gram matrices and OMP in the selector's ``dtype``, the gradient errors in
+    ``grad_error_dtype`` (see :mod:`lightning_sbp.selection_step`).
 
     The gradient-error metrics always measure against the full batch scored at the trainer's
     precision and full scale: with a cheaper scoring pass (``score_precision``, ``score_scale``,
@@ -138,6 +146,7 @@ class SelectiveBackprop(BatchAdapter, Callback):
         score_cache_dtype: StorageDtype = "float32",
         score_cache_placement: Placement = "device",
         checkpoint_score_cache: bool = False,
+        grad_error_dtype: GradErrorDtype = "float32",
     ) -> None:
         if isinstance(selector, str):
             selector = get_selector(selector)
@@ -197,6 +206,8 @@ class SelectiveBackprop(BatchAdapter, Callback):
             raise ValueError(f"score_cache_placement must be 'device' or 'cpu', got {score_cache_placement!r}")
         if not isinstance(checkpoint_score_cache, bool):
             raise ValueError(f"checkpoint_score_cache must be True or False, got {checkpoint_score_cache!r}")
+        if grad_error_dtype not in ("float32", "float64"):
+            raise ValueError(f"grad_error_dtype must be 'float32' or 'float64', got {grad_error_dtype!r}")
         self.selector = selector
         self.keep = float(keep)
         self.schedule = Schedule(start, end, interrupt)
@@ -206,20 +217,48 @@ class SelectiveBackprop(BatchAdapter, Callback):
         self.stale_epochs = stale_epochs
         self.grad_error_every = grad_error_every
         self.grad_error_sketch_dim = grad_error_sketch_dim
+        self.grad_error_dtype = grad_error_dtype
         self.score_cache_dtype = score_cache_dtype
         self.score_cache_placement = score_cache_placement
         self.checkpoint_score_cache = checkpoint_score_cache
         self.scorer = Scorer(score_mode, score_precision, float(score_scale), loss_fn, last_layer, score_fn)
-        self.score_cache: ScoreCache | None = None
+        self.step = SelectionStep(
+            selector,
+            self.scorer,
+            self,
+            seed=seed,
+            grad_error_every=grad_error_every,
+            exact_grad_error_every=exact_grad_error_every,
+            sketch_dim=grad_error_sketch_dim,
+            grad_error_dtype=getattr(torch, grad_error_dtype),
+        )
         self.step_log = StepLog()
         self.last_selection: Selection | None = None
-        self._tracker: GradientErrorTracker | None = None
         self._min_k = 1
         self._reported_small_batch = False
         self._largest_batch = 0
         self._total_steps: float = float("inf")
-        self._unpatch: Callable[[], None] | None = None
+        self._unpatch: list[Callable[[], None]] = []
         self._cache_state: dict[str, Any] | None = None
+        self._batch_idx = 0
+        self._host_indices: Tensor | None = None
+
+    @property
+    def score_cache(self) -> ScoreCache | None:
+        """The stale-score cache, once training has started with ``stale_epochs``."""
+        return self.step.score_cache
+
+    @property
+    def measurement_seconds(self) -> float:
+        """Seconds, since the fit started, spent on work done only to measure gradient errors.
+
+        That is the scoring pass a selector that reads no score (``random``) runs only on the steps that
+        measure, the full-cost re-score that a cheaper scoring pass needs for them, the logit gradients a
+        loss-based selector does not read, and the Gram matrices and metric updates. Read from CUDA events on
+        a GPU (reading waits for the last measurement to finish), from the host clock elsewhere. A
+        comparison of selectors subtracts it from each run's training time.
+        """
+        return self.step.measurement.seconds
 
     @property
     def examples_seen(self) -> int:
@@ -257,28 +296,25 @@ class SelectiveBackprop(BatchAdapter, Callback):
                 f"{type(pl_module).__name__} uses manual optimisation (automatic_optimization=False), "
                 "which it does not support"
             )
-        self.scorer.setup(trainer, pl_module, self.selector.needs_last_layer, self.track_grad_error)
-        track = self.track_grad_error and self.scorer.capture is not None
-        self._tracker = GradientErrorTracker(self.grad_error_sketch_dim) if track else None
+        self.step.setup(trainer, pl_module, self.track_grad_error)
         self._min_k = 2 if has_batch_norm(pl_module) else 1
-        self.selector.setup(pl_module)
         self._patch(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fix the selective window for this run's length."""
         self._total_steps = float(trainer.estimated_stepping_batches)
         self.schedule.window(self._total_steps)
-        if self._tracker is not None:
-            self._tracker.to(pl_module.device)
+        self.step.to(pl_module.device)
         self._reported_small_batch = False
         self._largest_batch = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Size the stale-score cache for the training set, now that the fit loop has set up its data."""
         if self.stale_epochs:
-            self.score_cache = self._make_score_cache(trainer)
+            cache = self._make_score_cache(trainer)
             if self._cache_state is not None:
-                self.score_cache.load_state_dict(self._cache_state)
+                cache.load_state_dict(self._cache_state)
+            self.step.score_cache = cache
 
     def _make_score_cache(self, trainer: pl.Trainer) -> ScoreCache:
         fields, dtype = fields_read_by(self.selector), STORAGE_DTYPES[self.score_cache_dtype]
@@ -302,10 +338,17 @@ class SelectiveBackprop(BatchAdapter, Callback):
         )
         return cache
 
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Remember the batch's index in its epoch: it seeds the step's random draws."""
+        self._batch_idx = batch_idx
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Warn, once and without a sync on every step, when losses were not finite."""
+        """Log the step's timings, and warn, once and without a sync on every step, when losses were not finite."""
+        self.step_log.log_timings(pl_module)
         self.step_log.warn_nonfinite(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -313,10 +356,9 @@ class SelectiveBackprop(BatchAdapter, Callback):
         self.step_log.warn_nonfinite()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Give the module its own ``training_step`` back."""
-        if self._unpatch is not None:
-            self._unpatch()
-            self._unpatch = None
+        """Give the module its own ``training_step`` (and batch-transfer hook) back."""
+        while self._unpatch:
+            self._unpatch.pop()()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Give the module its own ``training_step`` back when the fit raises or is interrupted."""
@@ -358,19 +400,22 @@ class SelectiveBackprop(BatchAdapter, Callback):
         return self.schedule.is_active(step, self._total_steps)
 
     def _patch(self, pl_module: pl.LightningModule) -> None:
-        original = pl_module.training_step
+        self._unpatch.append(_wrap_method(pl_module, "training_step", self._training_step))
+        if self.stale_epochs:
+            self._unpatch.append(_wrap_method(pl_module, "on_before_batch_transfer", self._before_batch_transfer))
 
-        @functools.wraps(original)
-        def training_step(*args: Any, **kwargs: Any) -> Any:
-            return self._training_step(pl_module, original, *args, **kwargs)
+    def _before_batch_transfer(
+        self, pl_module: pl.LightningModule, original: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        """Read the batch's example indices while they are still on the host, for the stale-score cache."""
+        batch = original(*args, **kwargs)
+        indices = self.example_indices(batch)
+        self._host_indices = indices if indices is not None and indices.device.type == "cpu" else None
+        return batch
 
-        pl_module.training_step = training_step  # type: ignore[method-assign]
-
-        def unpatch() -> None:
-            if pl_module.__dict__.get("training_step") is training_step:
-                del pl_module.training_step
-
-        self._unpatch = unpatch
+    def _take_host_indices(self, size: int) -> Tensor | None:
+        indices, self._host_indices = self._host_indices, None
+        return indices if indices is not None and indices.shape[0] == size else None
 
     def _training_step(
         self, pl_module: pl.LightningModule, original: Callable[..., Any], *args: Any, **kwargs: Any
@@ -378,6 +423,7 @@ class SelectiveBackprop(BatchAdapter, Callback):
         batch = args[0] if args else kwargs["batch"]
         trainer = pl_module.trainer
         size = self.batch_size(batch)
+        host_indices = self._take_host_indices(size)
         k = subset_size(self.keep, size, self._min_k)
         # Under DDP a rank whose batch is too small to select from still scores and trains on all of it, so that
         # every rank runs the same forward passes (and the collectives in them, as in SyncBatchNorm).
@@ -389,28 +435,21 @@ class SelectiveBackprop(BatchAdapter, Callback):
             self.step_log.full_step(pl_module, size)
             return original(*args, **kwargs)
 
-        started = time.perf_counter()
-        scores: Scores | None
-        if self.selector.needs_scores:
-            scores, cheap = self._scores(pl_module, batch, self.selector.needs_last_layer or self._measurement_due()[0])
-        elif self._measurement_due()[0]:
-            # A selector that reads no score (random) scores only the steps that measure the gradient errors.
-            scores, cheap = self._scores_for_tracking(pl_module, batch), False
-        else:
-            scores, cheap = None, True
-        scored = time.perf_counter()
-        selection = self._select(trainer, scores or unscored(size, pl_module.device), k)
-        selected = time.perf_counter()
-        self.last_selection = selection
-
-        subset = self.index_batch(batch, selection.indices)
-        values = self._measure(pl_module, batch, subset, scores if not cheap else None, selection)
+        picked = self._select(pl_module, batch, k, host_indices)
+        self.last_selection = picked.selection
+        subset = self.index_batch(batch, picked.selection.indices)
         rest = args[1:] if args else ()
         call_args = (subset, *rest) if args else ()
         call_kwargs = kwargs if args else {**kwargs, "batch": subset}
-        output = self._subset_step(pl_module, original, selection, call_args, call_kwargs)
-        self.step_log.selective_step(pl_module, size, selection, scores, (started, scored, selected), values)
+        output = self._subset_step(pl_module, original, picked.selection, call_args, call_kwargs)
+        self.step_log.selective_step(pl_module, size, picked.selection, picked.losses, picked.measured, picked.marks)
         return output
+
+    @torch.compiler.disable
+    def _select(self, pl_module: pl.LightningModule, batch: Any, k: int, host_indices: Tensor | None) -> SelectedBatch:
+        # Kept out of any compiled graph: selection is data-dependent and would recompile or break the graph.
+        ordinal = self.step_log.selective_steps
+        return self.step.run(pl_module, batch, k, ordinal=ordinal, batch_idx=self._batch_idx, host_indices=host_indices)
 
     def _report_small_batch(self, trainer: pl.Trainer, size: int, k: int) -> None:
         """Warn, once per fit, that a batch was too small to select from; not for a DDP rank's short last batch."""
@@ -423,69 +462,6 @@ class SelectiveBackprop(BatchAdapter, Callback):
             "batch. Use larger batches or a smaller keep."
         )
 
-    def _scores(self, pl_module: pl.LightningModule, batch: Any, last_layer: bool) -> tuple[Scores, bool]:
-        """The batch's scores as the options make them (cached, rescaled, lower precision), and whether they are.
-
-        ``last_layer`` asks for the final layer's features and logit gradients, when the selector or a
-        measurement of the gradient errors reads them on this step.
-        """
-        cache, epoch, trainer = self.score_cache, pl_module.current_epoch, pl_module.trainer
-        indices = None
-        if cache is not None:
-            indices = self.example_indices(batch)
-            if indices is None:
-                raise ValueError("stale_epochs needs batches that carry example indices; this batch has none")
-            cached = cache.lookup_on_every_rank(indices, epoch, trainer)
-            if cached is not None:
-                return cached, True
-        scores = self.scorer.score_cheaply(pl_module, batch, self, last_layer)
-        if cache is not None and indices is not None:
-            cache.store_from_every_rank(indices, scores, epoch, trainer)
-        return scores, self.scorer.cheap
-
-    def _scores_for_tracking(self, pl_module: pl.LightningModule, batch: Any) -> Scores | None:
-        """Scores for the gradient errors alone: a module the defaults cannot score loses the tracking, not the run."""
-        try:
-            return self.scorer.score(pl_module, batch)
-        except ScoringError as error:
-            self._tracker = None
-            rank_zero_warn(
-                f"SelectiveBackprop does not track gradient errors, which need a scoring pass: {error} "
-                f"{type(self.selector).__name__} itself reads no score, so training goes on."
-            )
-            return None
-
-    def _measurement_due(self) -> tuple[bool, bool]:
-        """Whether this selective step measures the gradient errors, and whether also the exact one."""
-        if self._tracker is None:
-            return False, False
-        every = self.exact_grad_error_every
-        steps = self.step_log.selective_steps
-        exact_due = bool(every) and steps % every == 0
-        return exact_due or steps % self.grad_error_every == 0, exact_due
-
-    def _measure(
-        self,
-        pl_module: pl.LightningModule,
-        batch: Any,
-        subset: Any,
-        scores: Scores | None,
-        selection: Selection,
-    ) -> dict[str, Any]:
-        """The gradient-error step values, against the full batch as the trainer would score it."""
-        measuring, exact_due = self._measurement_due()
-        if self._tracker is None or not measuring:
-            return {}
-        true_scores = scores if scores is not None else self.scorer.score(pl_module, batch)
-        exact = None
-        if exact_due:
-            forward, loss_fn = self.scorer.forward_and_loss(pl_module)
-            exact = functools.partial(
-                subset_and_full_gradients, pl_module, forward, loss_fn, batch, subset, selection.weights
-            )
-        seed = mix_seed(self.seed, pl_module.global_rank, pl_module.global_step)
-        return self._tracker.measure(pl_module, true_scores, selection, exact, seed)
-
     def _subset_step(
         self,
         pl_module: pl.LightningModule,
@@ -496,13 +472,9 @@ class SelectiveBackprop(BatchAdapter, Callback):
     ) -> Any:
         if not isinstance(pl_module, SelectiveBackpropMixin):
             return original(*args, **kwargs)
-        pl_module._sbp_weights = selection.weights
-        pl_module._sbp_reduced = False
-        try:
+        with subset_weights(selection.weights) as subset:
             output = original(*args, **kwargs)
-        finally:
-            pl_module._sbp_weights = None
-        if self.selector.weighted and not pl_module._sbp_reduced:
+        if self.selector.weighted and not subset.applied:
             raise RuntimeError(
                 f"{type(pl_module).__name__}.training_step did not reduce its losses with self.sbp_reduce, so the "
                 f"weights of selector {type(self.selector).__name__} would be lost; reduce per-example losses with "
@@ -510,18 +482,22 @@ class SelectiveBackprop(BatchAdapter, Callback):
             )
         return output
 
-    @torch.compiler.disable
-    def _select(self, trainer: pl.Trainer, scores: Scores, k: int) -> Selection:
-        # Kept out of any compiled graph: selection is data-dependent and would recompile or break the graph.
-        if k >= scores.size:
-            return Selection.uniform(torch.arange(scores.size, device=scores.losses.device))
-        batch_in_epoch = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        generator = step_generator(
-            self.seed, trainer.global_rank, trainer.global_step, batch_in_epoch, scores.losses.device
-        )
-        return self.selector.select(scores, k, generator)
 
+def _wrap_method(pl_module: pl.LightningModule, name: str, wrapper: Callable[..., Any]) -> Callable[[], None]:
+    """Route ``pl_module.<name>`` through ``wrapper(pl_module, original, *args, **kwargs)``; returns the undo.
 
-def unscored(size: int, device: torch.device) -> Scores:
-    """What a selector that reads no score sees of a batch of ``size`` examples: its size and device."""
-    return Scores(losses=torch.full((size,), torch.nan, device=device))
+    The instance attribute keeps the original's signature (``functools.wraps``), which Lightning inspects.
+    """
+    original = getattr(pl_module, name)
+
+    @functools.wraps(original)
+    def method(*args: Any, **kwargs: Any) -> Any:
+        return wrapper(pl_module, original, *args, **kwargs)
+
+    setattr(pl_module, name, method)
+
+    def undo() -> None:
+        if pl_module.__dict__.get(name) is method:
+            delattr(pl_module, name)
+
+    return undo

@@ -116,55 +116,66 @@ def own_rank_state(state: dict[str, Any]) -> dict[str, Any]:
     return ranks[rank % len(ranks)]
 
 
-def gather_scores(indices: Tensor, scores: Scores, capacity: int | None = None) -> tuple[Tensor, Scores]:
+def gather_scores(
+    indices: Tensor,
+    scores: Scores,
+    capacity: int | None = None,
+    *,
+    fields: tuple[str, ...] = SCORE_FIELDS,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Scores]:
     """The example indices and scores of every rank's batch, in rank order: a collective.
 
-    With ``capacity``, a bound on every rank's batch size known to all ranks (the loader's batch
-    size), each rank pads its rows to it and one gather moves the indices and all score columns,
-    without reading anything on the host; padding rows carry the index ``-1``. Without it, ranks
-    may score batches of any size: the sizes are gathered first and read on the host, then the
-    rows, padded to the largest batch, in one gather for the indices and one for the score columns.
+    Only ``fields`` travel (those the caller keeps), each in ``dtype``. With ``capacity``, a bound on every
+    rank's batch size known to all ranks (the loader's batch size), each rank pads its rows to it and one
+    gather moves the indices and all score columns, without reading anything on the host: the indices
+    travel bit for bit in the same tensor, their 64-bit integers reinterpreted as ``dtype`` elements, and
+    padding rows carry the index ``-1``. Without it, ranks may score batches of any size: the sizes are
+    gathered first and read on the host, then the rows, padded to the largest batch, in one gather for the
+    indices and one for the score columns.
 
     Args:
         indices: this rank's example indices, shape ``[N]``.
         scores: this rank's scores of those examples.
         capacity: the most examples any rank's batch holds, or ``None``.
+        fields: the score fields to gather, among ``losses``, ``logits``, ``logit_grads`` and ``features``.
+        dtype: the floating dtype the scores travel (and come back) in.
 
     Returns:
         The indices ``[M]`` and scores of all ranks' examples, ``M`` the sum of the batch sizes
-        (``capacity`` times the world size, padding included, with ``capacity``); the score fields
-        are float32 and those this rank's scores hold.
+        (``capacity`` times the world size, padding included, with ``capacity``); the score fields are
+        those of ``fields`` that this rank's scores hold, in ``dtype``.
 
     Raises:
         ValueError: if this rank's batch holds more than ``capacity`` examples.
     """
-    fields = {name: getattr(scores, name) for name in SCORE_FIELDS if getattr(scores, name) is not None}
-    widths = [math.prod(value.shape[1:]) for value in fields.values()]
-    columns = torch.cat([value.float().reshape(len(value), -1) for value in fields.values()], dim=1)
+    values = {name: getattr(scores, name) for name in fields if getattr(scores, name) is not None}
+    widths = [math.prod(value.shape[1:]) for value in values.values()]
+    columns = torch.cat([value.to(dtype).reshape(len(value), -1) for value in values.values()], dim=1)
+    ranks = dist.get_world_size()
     if capacity is not None:
         if len(indices) > capacity:
             raise ValueError(f"a batch of {len(indices)} examples exceeds the gather capacity of {capacity}")
-        # float64 holds every index below 2**53 exactly, next to the float32 scores.
-        packed = torch.cat([indices.double().unsqueeze(1), columns.double()], dim=1)
-        packed = F.pad(packed, (0, 0, 0, capacity - len(indices)), value=-1.0)
-        every = [torch.empty_like(packed) for _ in range(dist.get_world_size())]
+        padding = capacity - len(indices)
+        index_bits = F.pad(indices.to(torch.int64), (0, padding), value=-1).unsqueeze(1).view(dtype)
+        packed = torch.cat([index_bits, F.pad(columns, (0, 0, 0, padding))], dim=1)
+        every = [torch.empty_like(packed) for _ in range(ranks)]
         dist.all_gather(every, packed)
         rows = torch.cat(every)
-        all_indices, parts = rows[:, 0].long(), rows[:, 1:].float().split(widths, dim=1)
-        values = {
-            name: part.reshape(-1, *value.shape[1:]) for (name, value), part in zip(fields.items(), parts, strict=True)
-        }
-        return all_indices, Scores(bias=scores.bias, **values)
-    size = torch.tensor([len(indices)], device=indices.device)
-    sizes = [torch.empty_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    counts = torch.cat(sizes).tolist()
-    all_indices = _gather_rows(indices, counts)
-    parts = _gather_rows(columns, counts).split(widths, dim=1)
-    values = {
-        name: part.reshape(-1, *value.shape[1:]) for (name, value), part in zip(fields.items(), parts, strict=True)
+        index_width = index_bits.shape[1]
+        all_indices = rows[:, :index_width].contiguous().view(torch.int64).squeeze(1)
+        parts = rows[:, index_width:].split(widths, dim=1)
+    else:
+        size = torch.tensor([len(indices)], device=indices.device)
+        sizes = [torch.empty_like(size) for _ in range(ranks)]
+        dist.all_gather(sizes, size)
+        counts = torch.cat(sizes).tolist()
+        all_indices = _gather_rows(indices.to(torch.int64).unsqueeze(1), counts).squeeze(1)
+        parts = _gather_rows(columns, counts).split(widths, dim=1)
+    gathered = {
+        name: part.reshape(-1, *value.shape[1:]) for (name, value), part in zip(values.items(), parts, strict=True)
     }
-    return all_indices, Scores(bias=scores.bias, **values)
+    return all_indices, Scores(bias=scores.bias, **gathered)
 
 
 def _gather_rows(rows: Tensor, counts: list[int]) -> Tensor:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import MeanMetric
+from torchmetrics import Metric
 
 from lightning_sbp.functional.grad_error import (
     random_subset_gradient_error,
@@ -28,34 +28,40 @@ __all__ = [
 ]
 
 
-class _BatchMean(MeanMetric):
+class _BatchMean(Metric):
     """The mean over batches of one value per batch, summed across processes, skipping degenerate batches.
 
-    A batch whose value is not defined (its full-batch gradient vanishes, as when every loss is
-    non-finite and every gradient is zeroed) or not finite enters with weight zero: the epoch mean
-    stays the mean of the batches that could be measured, and the value of such a batch alone
-    (what ``forward`` returns for step logging) is NaN, not a misleading 0. Deciding it takes no
-    host-device synchronisation. The epoch value is NaN only when no batch could be measured.
+    Its states are its own (``add_state``): ``total``, the sum of the values of the batches counted, and
+    ``count``, how many batches were counted, both float64 and summed across processes. A batch whose value
+    is not defined (its full-batch gradient vanishes, as when every loss is non-finite and every gradient is
+    zeroed) or not finite enters with weight zero: the epoch mean stays the mean of the batches that could be
+    measured, and the value of such a batch alone (what ``forward`` returns for step logging) is NaN, not a
+    misleading 0. Deciding it takes no host-device synchronisation. The epoch value is NaN only when no batch
+    could be measured. Every value is computed with autocast off (see
+    :func:`~lightning_sbp.functional.subset_gradient_error`), so a metric updated inside a mixed-precision
+    training step measures in its own dtype.
     """
 
-    is_differentiable = False  # type: ignore[assignment]
-    higher_is_better = False  # type: ignore[assignment]
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    total: Tensor
+    count: Tensor
 
     def __init__(self, **kwargs: Any) -> None:
-        # Only MeanMetric.update reads nan_strategy, and _add takes its place; "ignore" is accepted by every
-        # torchmetrics release from the floor on.
-        super().__init__(nan_strategy="ignore", **kwargs)
-        self.set_dtype(torch.float64)
-        # MeanMetric's running sum is the state "mean_value" in recent torchmetrics and "value" in 1.0.
-        self._sum_state = "mean_value" if hasattr(self, "mean_value") else "value"
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def _add(self, value: Tensor, defined: Tensor) -> None:
-        # MeanMetric's own update cannot skip without a sync: its NaN strategies test `nans.any()` on the host,
-        # and "disable" resets the weights to one. The states, their reduction and compute are MeanMetric's.
         counted = defined & torch.isfinite(value)
-        total = getattr(self, self._sum_state)
-        setattr(self, self._sum_state, total + torch.where(counted, value.detach().to(total.dtype), 0.0))
-        self.weight += counted.to(self.weight.dtype)
+        self.total = self.total + torch.where(counted, value.detach().to(self.total.dtype), 0.0)
+        self.count = self.count + counted.to(self.count.dtype)
+
+    def compute(self) -> Tensor:
+        """The mean of the counted batches' values; NaN when no batch was counted."""
+        return torch.where(self.count > 0, self.total / self.count.clamp(min=1), torch.nan)
 
 
 class GradientApproximationError(_BatchMean):
@@ -72,7 +78,7 @@ class GradientApproximationError(_BatchMean):
         1.0
     """
 
-    def update(self, gram: Tensor, indices: Tensor, weights: Tensor) -> None:  # type: ignore[override]
+    def update(self, gram: Tensor, indices: Tensor, weights: Tensor) -> None:
         """Measure one batch: its Gram matrix ``[N, N]``, the kept indices ``[k]`` and their weights ``[k]``."""
         self._add(subset_gradient_error(gram, indices, weights), gram.sum() > 0)
 
@@ -85,7 +91,7 @@ class RandomSubsetGradientError(_BatchMean):
     :func:`~lightning_sbp.functional.random_subset_gradient_error`).
     """
 
-    def update(self, gram: Tensor, k: int) -> None:  # type: ignore[override]
+    def update(self, gram: Tensor, k: int) -> None:
         """Measure one batch: its Gram matrix ``[N, N]`` and the subset size ``k``."""
         self._add(random_subset_gradient_error(gram, k), gram.sum() > 0)
 
@@ -97,7 +103,7 @@ class GradientErrorRatio(_BatchMean):
     subsets of the same size.
     """
 
-    def update(self, error: Tensor, random_error: Tensor) -> None:  # type: ignore[override]
+    def update(self, error: Tensor, random_error: Tensor) -> None:
         """Measure one batch from its selector error and its random-subset error."""
         self._add(error.double() / random_error.double(), random_error > 0)
 
@@ -108,7 +114,7 @@ class ExactGradientError(_BatchMean):
     The ground truth the last-layer proxy stands for, at the price of a full backward.
     """
 
-    def update(self, approximation: list[Tensor], reference: list[Tensor]) -> None:  # type: ignore[override]
+    def update(self, approximation: list[Tensor], reference: list[Tensor]) -> None:
         """Measure one batch from subset gradients and full-batch gradients, one tensor per parameter."""
         reference_norm = torch.stack([torch.linalg.vector_norm(grad) for grad in reference]).amax()
         self._add(relative_gradient_error(approximation, reference), reference_norm > 0)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
@@ -9,7 +13,7 @@ from torch import Tensor
 from lightning_sbp.batches import default_forward
 from lightning_sbp.functional.loss import per_example_cross_entropy
 
-__all__ = ["SelectiveBackpropMixin"]
+__all__ = ["SelectiveBackpropMixin", "SubsetWeights", "subset_weights"]
 
 
 class SelectiveBackpropMixin:
@@ -39,9 +43,6 @@ class SelectiveBackpropMixin:
         ...     def configure_optimizers(self):
         ...         return torch.optim.SGD(self.parameters(), lr=0.1)
     """
-
-    _sbp_weights: Tensor | None = None
-    _sbp_reduced: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -74,12 +75,21 @@ class SelectiveBackpropMixin:
         return per_example_cross_entropy(logits, targets)
 
     def sbp_reduce(self, losses: Tensor) -> Tensor:
-        """The mean of per-example losses, weighted by the current selection when there is one."""
-        self._sbp_reduced = True
-        weights = self._sbp_weights
-        if weights is None:
+        """The mean of per-example losses ``[k]``, weighted by the current selection when there is one.
+
+        Raises:
+            ValueError: inside a selective step, if ``losses`` is not one loss per selected example.
+        """
+        subset = _current_subset.get()
+        if subset is None:
             return losses.mean()
-        return (weights.to(losses.dtype) * losses).mean()
+        if losses.shape != subset.weights.shape:
+            raise ValueError(
+                f"sbp_reduce takes one loss per selected example, shape {tuple(subset.weights.shape)}, got shape "
+                f"{tuple(losses.shape)}; reduce any other dimension (positions, say) into a per-example loss first"
+            )
+        subset.applied = True
+        return (subset.weights.to(losses.dtype) * losses).mean()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """A classifier step: ``sbp_reduce(sbp_loss(*sbp_forward(batch)))``, logged as ``train/loss``."""
@@ -107,3 +117,35 @@ def _is_lightning_module(klass: type) -> bool:
     """Whether ``klass`` is Lightning's ``LightningModule`` itself, under either package name."""
     package = klass.__module__.split(".")[0]
     return klass.__qualname__ == "LightningModule" and package in {"lightning", "pytorch_lightning"}
+
+
+@dataclass
+class SubsetWeights:
+    """The weights of the subset a training step runs on, and whether the module's step applied them.
+
+    Attributes:
+        weights: one weight per selected example, ``[k]``.
+        applied: set by :meth:`SelectiveBackpropMixin.sbp_reduce` when it weighs losses with them.
+    """
+
+    weights: Tensor
+    applied: bool = False
+
+
+_current_subset: ContextVar[SubsetWeights | None] = ContextVar("lightning_sbp_subset_weights", default=None)
+
+
+@contextmanager
+def subset_weights(weights: Tensor) -> Iterator[SubsetWeights]:
+    """Within the block, :meth:`SelectiveBackpropMixin.sbp_reduce` weighs per-example losses by ``weights``.
+
+    The weights reach the module's ``training_step`` through this context, not through an attribute of the
+    module: nothing is left on the module after the step, and the yielded record says whether the step
+    applied them.
+    """
+    subset = SubsetWeights(weights)
+    token = _current_subset.set(subset)
+    try:
+        yield subset
+    finally:
+        _current_subset.reset(token)

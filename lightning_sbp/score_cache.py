@@ -107,57 +107,67 @@ class ScoreCache:
         """Bytes held now: the epoch stamps and the score tensors allocated so far."""
         return self._scored.nbytes + sum(tensor.nbytes for tensor in self.tensors.values())
 
-    def _host_rows(self, indices: Tensor) -> np.ndarray:
-        """``indices`` as a host array: free for host indices, one copy (a synchronisation) for device ones.
+    def _host_rows(self, indices: Tensor, host: Tensor | None = None) -> np.ndarray:
+        """The batch's example indices as a host array, without a copy when they are known on the host.
 
-        The copy of the batch's indices is kept, so that :meth:`store` after a :meth:`lookup` miss of the
-        same batch does not pay it again.
+        ``host`` is the same indices read before the batch moved to the device. Without it, host ``indices``
+        are free and device ``indices`` cost one copy to the host (a synchronisation), kept so that
+        :meth:`store` after a :meth:`lookup` miss of the same batch does not pay it again.
         """
+        if host is not None:
+            return host.numpy()
         if self._rows is not None and self._rows[0] is indices:
             return self._rows[1]
         rows = (indices if indices.device.type == "cpu" else indices.cpu()).numpy()
         self._rows = (indices, rows)
         return rows
 
-    def lookup(self, indices: Tensor, epoch: int) -> Scores | None:
+    def lookup(self, indices: Tensor, epoch: int, host: Tensor | None = None) -> Scores | None:
         """The cached scores of ``indices`` if every one of them is fresh in ``epoch``, else ``None``.
 
-        The decision reads the epoch stamps on the host: no synchronisation when ``indices`` are on
-        the host, one copy of the indices to the host when they are on a device. The scores come
-        back in float32 on the device of ``indices``.
+        The decision reads the epoch stamps on the host: nothing is read from the device when the indices
+        are known on the host (``host``, or ``indices`` themselves on the CPU). Device-placed scores are
+        gathered on the device; host-placed ones into pinned memory, then copied without blocking. The
+        scores come back in float32 on the device of ``indices``.
         """
         if not self.tensors:
             return None
-        host = self._host_rows(indices)
-        age = epoch - self._scored[host]
+        rows = self._host_rows(indices, host)
+        age = epoch - self._scored[rows]
         if not ((age >= 0) & (age <= self.stale_epochs)).all():
             return None
-        rows = {}
+        found = {}
         for name, tensor in self.tensors.items():
-            where = torch.from_numpy(host) if tensor.device.type == "cpu" else indices
-            rows[name] = tensor[where].to(indices.device, torch.float32, non_blocking=True)
-        return Scores(bias=self.bias, **rows)
+            if tensor.device.type == "cpu":
+                staged = torch.empty((len(rows), *tensor.shape[1:]), dtype=tensor.dtype, pin_memory=tensor.is_pinned())
+                torch.index_select(tensor, 0, torch.from_numpy(rows), out=staged)
+                picked = staged.to(indices.device, non_blocking=True)
+            else:
+                picked = tensor.index_select(0, indices.to(tensor.device))
+            found[name] = picked.float()
+        return Scores(bias=self.bias, **found)
 
-    def store(self, indices: Tensor, scores: Scores, epoch: int) -> None:
+    def store(self, indices: Tensor, scores: Scores, epoch: int, host: Tensor | None = None) -> None:
         """Remember the kept fields of ``scores`` for the examples ``indices``, computed in ``epoch``.
 
-        Rows whose index is negative (the padding of a gather across ranks) are left out.
+        Rows whose index is negative (the padding of a gather across ranks) are left out. ``host`` is the
+        same indices known on the host (see :meth:`lookup`).
         """
         self.bias = scores.bias
         values = {name: getattr(scores, name) for name in self.fields if getattr(scores, name) is not None}
         if any(name not in self.tensors for name in values):
             self._allocate(values, indices.device)
-        host = self._host_rows(indices)
-        if (host < 0).any():
-            kept = np.flatnonzero(host >= 0)
+        rows = self._host_rows(indices, host)
+        if (rows < 0).any():
+            kept = np.flatnonzero(rows >= 0)
             positions = torch.from_numpy(kept).to(indices.device, non_blocking=True)
-            indices, host = indices.index_select(0, positions), host[kept]
+            indices, rows = indices.index_select(0, positions), rows[kept]
             values = {name: value.index_select(0, positions.to(value.device)) for name, value in values.items()}
         for name, value in values.items():
             tensor = self.tensors[name]
-            where = torch.from_numpy(host) if tensor.device.type == "cpu" else indices
+            where = torch.from_numpy(rows) if tensor.device.type == "cpu" else indices.to(tensor.device)
             tensor[where] = value.to(tensor.device, self.dtype)
-        self._scored[host] = epoch
+        self._scored[rows] = epoch
 
     def _allocate(self, values: dict[str, Tensor], device: torch.device) -> None:
         if self.placement == "cpu":
@@ -201,29 +211,38 @@ class ScoreCache:
             self.tensors[name][indices] = row.to(self.dtype)
         self._scored[indices.numpy()] = rows["scored_epoch"].numpy()
 
-    def lookup_on_every_rank(self, indices: Tensor, epoch: int, trainer: pl.Trainer) -> Scores | None:
+    def lookup_on_every_rank(
+        self, indices: Tensor, epoch: int, trainer: pl.Trainer, host: Tensor | None = None
+    ) -> Scores | None:
         """:meth:`lookup`, agreed across ranks: the cached scores only if every rank's batch is fresh.
 
         Every rank skips the scoring forward or none does, so the collectives inside it
-        (SyncBatchNorm) stay paired.
+        (SyncBatchNorm) stay paired. Agreeing is a collective whose answer the host reads: the one
+        synchronisation of a step with stale scores under DDP.
         """
-        cached = self.lookup(indices, epoch)
+        cached = self.lookup(indices, epoch, host)
         if trainer.world_size > 1:
             hit = trainer.strategy.reduce_boolean_decision(cached is not None, all=True)
             return cached if hit else None
         return cached
 
-    def store_from_every_rank(self, indices: Tensor, scores: Scores, epoch: int, trainer: pl.Trainer) -> None:
+    def store_from_every_rank(
+        self, indices: Tensor, scores: Scores, epoch: int, trainer: pl.Trainer, host: Tensor | None = None
+    ) -> None:
         """:meth:`store` every rank's scores on every rank: a collective under DDP.
 
         Each rank sees other examples in every epoch; storing all ranks' scores in every rank's
-        cache is what lets a later batch find all of its examples fresh. When the loader's batch
-        size bounds every rank's batch, that is one gather and one copy of the indices to the host.
+        cache is what lets a later batch find all of its examples fresh. Only the fields the cache keeps
+        travel, in its storage dtype. When the loader's batch size bounds every rank's batch, that is one
+        gather and one copy of all ranks' indices to the host.
         """
         if trainer.world_size > 1:
             capacity = getattr(trainer.train_dataloader, "batch_size", None)
-            indices, scores = gather_scores(indices, scores, capacity if isinstance(capacity, int) else None)
-        self.store(indices, scores, epoch)
+            indices, scores = gather_scores(
+                indices, scores, capacity if isinstance(capacity, int) else None, fields=self.fields, dtype=self.dtype
+            )
+            host = None
+        self.store(indices, scores, epoch, host)
 
 
 def score_cache_for(

@@ -17,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from lightning_sbp.batches import BatchAdapter, default_forward
+from lightning_sbp.functional._inputs import DEFAULT_CHUNK_ELEMENTS, autocast_off, row_blocks
 from lightning_sbp.functional.loss import per_example_cross_entropy
 from lightning_sbp.mixin import SelectiveBackpropMixin
 from lightning_sbp.selectors.base import Scores
@@ -25,6 +26,7 @@ __all__ = [
     "SCORE_DTYPES",
     "BufferGuard",
     "Forward",
+    "ForwardScores",
     "LastLayerCapture",
     "LossFn",
     "ScoreFn",
@@ -257,16 +259,79 @@ class LastLayerCapture:
         return self.features
 
 
-def logit_gradients_by_autograd(loss_fn: Callable[[Tensor, Tensor], Tensor], logits: Tensor, targets: Tensor) -> Tensor:
-    """Each example's loss gradient with respect to its own logits, for any per-example loss.
+def logit_gradients_by_autograd(
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> Tensor:
+    """Each example's loss gradient with respect to its own logits, in float32, for any per-example loss.
 
-    A per-example loss depends only on its own row of logits, so the gradient of the summed
-    losses holds every example's gradient in its row. The graph spans the logits alone.
+    A per-example loss depends only on its own row of logits, so the gradient of the summed losses holds
+    every example's gradient in its row. The graph spans the logits alone, and it is built with autocast
+    off, on float32 logits: the gradients are exact for the logits the scoring forward produced, whatever
+    the training precision. A block of examples at a time is converted and differentiated, so that the
+    float32 copy and the loss's own intermediates never hold more than ``chunk_elements`` elements beyond
+    the result (a language model's ``[N, T, V]`` head is the case that matters).
     """
-    with torch.enable_grad():
-        leaf = logits.detach().float().requires_grad_(True)
-        (grads,) = torch.autograd.grad(loss_fn(leaf, targets).sum(), leaf)
+    n = logits.shape[0]
+    blocks = row_blocks(n, logits[0].numel() if n else 1, chunk_elements)
+    if not isinstance(targets, Tensor) or targets.shape[:1] != logits.shape[:1]:
+        blocks = [slice(0, n)]
+    grads = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    with autocast_off(logits.device), torch.enable_grad():
+        for block in blocks:
+            leaf = logits[block].detach().float().requires_grad_(True)
+            block_targets = targets[block] if len(blocks) > 1 else targets
+            (grads[block],) = torch.autograd.grad(loss_fn(leaf, block_targets).sum(), leaf)
     return grads
+
+
+@dataclass
+class ForwardScores:
+    """What the scoring forward measured, before the last layer's gradients are formed from it.
+
+    Forming the logit gradients is separate from the forward so that a step can tell their cost from the
+    forward's (they are only needed when a selector or a measurement reads the last layer).
+
+    Attributes:
+        losses: per-example losses ``[N]``, float32.
+        logits: the outputs the losses were computed from, or ``None`` for a ``score_fn``.
+        targets: the targets of the batch, or ``None`` for a ``score_fn``.
+        loss_fn: the per-example loss, or ``None`` for a ``score_fn``.
+        features: the final linear layer's inputs, when they were captured.
+        bias: whether the final linear layer has a bias.
+    """
+
+    losses: Tensor
+    logits: Tensor | None = None
+    targets: Any = None
+    loss_fn: LossFn | None = None
+    features: Tensor | None = None
+    bias: bool = True
+
+    @property
+    def has_last_layer(self) -> bool:
+        """Whether the final layer's inputs were captured, so that its gradients can be formed."""
+        return self.features is not None
+
+    def without_last_layer(self) -> Scores:
+        """The losses (and logits), without the final layer's inputs and gradients."""
+        return Scores(losses=self.losses, logits=self.logits)
+
+    def with_last_layer(self) -> Scores:
+        """The scores with the final layer's float32 inputs and logit gradients (autocast off)."""
+        if self.features is None or self.logits is None or self.loss_fn is None:
+            return self.without_last_layer()
+        logit_grads = logit_gradients_by_autograd(self.loss_fn, self.logits, self.targets)
+        return Scores(
+            losses=self.losses,
+            logits=self.logits,
+            logit_grads=logit_grads,
+            features=self.features.float(),
+            bias=self.bias,
+        )
 
 
 class ScoringError(RuntimeError):
@@ -368,23 +433,36 @@ class Scorer:
             return pl_module.sbp_forward, pl_module.sbp_loss
         return functools.partial(default_forward, pl_module), self.loss_fn or per_example_cross_entropy
 
+    def forward_cheaply(
+        self, pl_module: pl.LightningModule, batch: Any, batches: BatchAdapter, last_layer: bool = True
+    ) -> ForwardScores:
+        """The scoring forward at the configured precision and scale; ``batches.scale_inputs`` downscales."""
+        scaled = batches.scale_inputs(batch, self.scale) if self.scale < 1.0 else batch
+        dtype = SCORE_DTYPES[self.precision]
+        with torch.autocast(pl_module.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+            return self.forward(pl_module, scaled, last_layer)
+
     def score_cheaply(
         self, pl_module: pl.LightningModule, batch: Any, batches: BatchAdapter, last_layer: bool = True
     ) -> Scores:
         """Scores at the configured precision and scale; ``batches.scale_inputs`` downscales the batch."""
-        scaled = batches.scale_inputs(batch, self.scale) if self.scale < 1.0 else batch
-        dtype = SCORE_DTYPES[self.precision]
-        with torch.autocast(pl_module.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
-            return self.score(pl_module, scaled, last_layer)
+        return self.forward_cheaply(pl_module, batch, batches, last_layer).with_last_layer()
 
     def score(self, pl_module: pl.LightningModule, batch: Any, last_layer: bool = True) -> Scores:
         """Scores of every example of ``batch`` under the current precision, with the last layer when captured.
 
+        See :meth:`forward`; the logit gradients are formed with autocast off, in float32.
+        """
+        return self.forward(pl_module, batch, last_layer).with_last_layer()
+
+    def forward(self, pl_module: pl.LightningModule, batch: Any, last_layer: bool = True) -> ForwardScores:
+        """The scoring forward over every example of ``batch``, under the current precision.
+
         Args:
             pl_module: the module to score with.
             batch: the batch, as the training step receives it.
-            last_layer: capture the final layer's features and logit gradients (when a layer was found at
-                setup); ``False`` when nothing on this step reads them, which spares their cost.
+            last_layer: capture the final layer's inputs (when a layer was found at setup); ``False`` when
+                nothing on this step reads them, which spares their cost.
 
         Raises:
             ScoringError: at the first pass, when the default forward cannot read the batch or call ``forward``.
@@ -397,7 +475,7 @@ class Scorer:
             capture.armed() if capture else contextlib.nullcontext(),
         ):
             if self.score_fn is not None:
-                given = Scores(losses=self.score_fn(pl_module, batch).detach().float())
+                given = ForwardScores(losses=self.score_fn(pl_module, batch).detach().float())
             else:
                 forward, loss_fn = self.forward_and_loss(pl_module)
                 logits, targets, losses = self._forward(pl_module, batch, forward, loss_fn)
@@ -405,14 +483,10 @@ class Scorer:
             torch.clear_autocast_cache()
         if self.score_fn is not None:
             return given
-        if capture is None:
-            return Scores(losses=losses, logits=logits.detach())
-        features = capture.take(logits)
-        bias = capture.layer.bias is not None
-        logit_grads = logit_gradients_by_autograd(loss_fn, logits, targets)
-        return Scores(
-            losses=losses, logits=logits.detach(), logit_grads=logit_grads, features=features.float(), bias=bias
-        )
+        logits = logits.detach()
+        features = capture.take(logits) if capture is not None else None
+        bias = capture.layer.bias is not None if capture is not None else True
+        return ForwardScores(losses, logits, targets, loss_fn, features, bias)
 
     def _forward(
         self, pl_module: pl.LightningModule, batch: Any, forward: Forward, loss_fn: LossFn

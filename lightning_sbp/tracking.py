@@ -18,6 +18,7 @@ from lightning_sbp.metrics import (
 )
 from lightning_sbp.scoring import frozen_running_stats, untouched_rng
 from lightning_sbp.selectors import Scores, Selection
+from lightning_sbp.timing import Mark, elapsed_seconds
 
 __all__ = ["GradientErrorTracker", "StepLog", "loggers_write_this_step", "subset_and_full_gradients"]
 
@@ -26,14 +27,18 @@ Forward = Callable[[Any], tuple[Tensor, Tensor]]
 
 
 def loggers_write_this_step(trainer: pl.Trainer) -> bool:
-    """Whether the loggers write this step: step values logged on other steps would only be overwritten.
+    """Whether the loggers write the step being trained: step values logged on other steps would be overwritten.
 
-    Lightning has no public answer: this reads the private ``Trainer._logger_connector.should_update_logs``,
-    which follows ``log_every_n_steps``. When that attribute is gone every step logs, which is
-    correct but slower; a test fails when Lightning renames it.
+    Asked from inside the training step, before its optimiser step. Lightning writes step values when the
+    number of batches that stepped, this one included, is a multiple of ``log_every_n_steps``, or when
+    training stops; with automatic optimisation that count is ``global_step + 1``. Public attributes only:
+    a test checks the answer against Lightning's own across accumulation, resumption and logging settings.
     """
-    connector = getattr(trainer, "_logger_connector", None)
-    return bool(getattr(connector, "should_update_logs", True))
+    # Both are public attributes that the Trainer sets on itself at construction, unknown to type checkers.
+    every = int(getattr(trainer, "log_every_n_steps", 50))
+    if getattr(trainer, "fast_dev_run", False) or trainer.should_stop:
+        return True
+    return every > 0 and (trainer.global_step + 1) % every == 0
 
 
 class StepLog:
@@ -51,6 +56,7 @@ class StepLog:
         self.selective_steps = 0
         self._nonfinite: Tensor | None = None
         self._warned_nonfinite = False
+        self._marks: tuple[Mark, Mark, Mark] | None = None
 
     def full_step(self, pl_module: pl.LightningModule, size: int) -> None:
         """Count and log a step that trained on the whole batch of ``size`` examples."""
@@ -63,9 +69,9 @@ class StepLog:
         pl_module: pl.LightningModule,
         size: int,
         selection: Selection,
-        scores: Scores | None,
-        timings: tuple[float, float, float],
-        values: dict[str, Any],
+        losses: Tensor | None,
+        measured: dict[str, Tensor],
+        marks: tuple[Mark, Mark, Mark],
     ) -> None:
         """Count and log a selective step.
 
@@ -73,32 +79,47 @@ class StepLog:
             pl_module: the module that logs.
             size: the number of examples in the batch.
             selection: the subset trained on; its ``stats`` are logged as ``sbp/<key>``.
-            scores: the scores the selection was made from; ``None`` when the step ran no scoring pass.
-            timings: ``time.perf_counter()`` before scoring, after scoring and after selecting.
-            values: further step values to log with these (the gradient errors).
+            losses: the batch's per-example losses, when the step had scores.
+            measured: the gradient-error step values, under their log keys.
+            marks: the points in time before scoring, after scoring and after selecting, logged at the end of
+                the batch (see :meth:`log_timings`).
         """
         k = int(selection.indices.shape[0])
-        if scores is not None:
-            self._watch_nonfinite(scores.losses)
+        if losses is not None:
+            self._watch_nonfinite(losses)
         self._count(size, k)
         self.selective_steps += 1
         if not loggers_write_this_step(pl_module.trainer):
             return
-        started, scored, selected = timings
+        self._marks = marks
         values = {
-            **values,
+            **measured,
             **{f"sbp/{key}": value for key, value in selection.stats.items()},
             "sbp/active": 1.0,
             "sbp/k": float(k),
-            "sbp/score_ms": 1e3 * (scored - started),
-            "sbp/select_ms": 1e3 * (selected - scored),
         }
-        if scores is not None:
-            finite = torch.isfinite(scores.losses)
+        if losses is not None:
+            finite = torch.isfinite(losses)
             kept = finite[selection.indices]
-            values["sbp/full_loss"] = scores.losses.where(finite, torch.nan).nanmean()
-            values["sbp/selected_loss"] = scores.losses[selection.indices].where(kept, torch.nan).nanmean()
+            values["sbp/full_loss"] = losses.where(finite, torch.nan).nanmean()
+            values["sbp/selected_loss"] = losses[selection.indices].where(kept, torch.nan).nanmean()
         self._log(pl_module, values, size)
+
+    def log_timings(self, pl_module: pl.LightningModule) -> None:
+        """Log ``sbp/score_ms`` and ``sbp/select_ms`` of the step just trained, if the loggers write it.
+
+        Called at the end of the batch: on a GPU the times come from CUDA events, and reading them waits
+        only for the scoring and the selection, which the device finished long before the step's backward.
+        """
+        if self._marks is None:
+            return
+        started, scored, selected = self._marks
+        self._marks = None
+        values = {
+            "sbp/score_ms": 1e3 * elapsed_seconds(started, scored),
+            "sbp/select_ms": 1e3 * elapsed_seconds(scored, selected),
+        }
+        pl_module.log_dict(values, on_step=True, on_epoch=False)
 
     def warn_nonfinite(self, trainer: pl.Trainer | None = None) -> None:
         """Warn, once per fit, when losses were not finite; with a ``trainer``, only on the steps it logs.
@@ -163,11 +184,13 @@ class GradientErrorTracker(torch.nn.Module):
             cheaper than the exact Gram matrix (heads with large vocabularies, see
             :func:`~lightning_sbp.functional.gradient_gram`), drawn independently of any sketch the
             selector used; ``None`` measures exactly.
+        dtype: the dtype of the Gram matrix and of every error, ``float32`` or ``float64``.
     """
 
-    def __init__(self, sketch_dim: int | None = None) -> None:
+    def __init__(self, sketch_dim: int | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.sketch_dim = sketch_dim
+        self.dtype = dtype
         self.grad_error = GradientApproximationError()
         self.grad_error_random = RandomSubsetGradientError()
         self.grad_error_ratio = GradientErrorRatio()
@@ -213,5 +236,5 @@ class GradientErrorTracker(torch.nn.Module):
         return {f"sbp/{name}_step": value for name, value in values.items()}
 
     def gram(self, scores: Scores, seed: int = 0) -> Tensor:
-        """The float32 Gram matrix the errors are measured on: exact, or sketched with ``sketch_dim``."""
-        return scores.gram_in(torch.float32, self.sketch_dim, seed)
+        """The Gram matrix the errors are measured on, in ``dtype``: exact, or sketched with ``sketch_dim``."""
+        return scores.gram_in(self.dtype, self.sketch_dim, seed)

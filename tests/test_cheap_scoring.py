@@ -139,8 +139,8 @@ def test_gradient_errors_are_measured_every_grad_error_every_steps() -> None:
 
     class Record(pl.Callback):
         def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-            assert sbp._tracker is not None
-            measured.append(int(sbp._tracker.grad_error.weight))  # batches in the epoch mean so far
+            assert sbp.step.tracker is not None
+            measured.append(int(sbp.step.tracker.grad_error.count))  # batches in the epoch mean so far
 
     sbp = SelectiveBackprop("topk", keep=0.25, grad_error_every=3, score_scale=0.5)
     trainer(callbacks=[sbp, Record()], max_epochs=1).fit(model, loader(Indexed(blobs(112)), 16))

@@ -1,12 +1,25 @@
-"""Shape and dtype checks shared by the last-layer Gram matrix and its sketch."""
+"""Shape, dtype and precision rules shared by the functions of this package."""
 
 from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
+F = TypeVar("F", bound=Callable[..., Any])
+
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 """Elements (16 Mi, 64 MiB in float32) that one intermediate block of a Gram or sketch computation may hold."""
+
+
+def row_blocks(rows: int, elements_per_row: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> list[slice]:
+    """Slices of whole rows, each holding at most ``chunk_elements`` elements (at least one row)."""
+    step = max(1, chunk_elements // max(1, elements_per_row))
+    return [slice(start, start + step) for start in range(0, rows, step)]
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -45,3 +58,34 @@ def as_sequences(features: Tensor, logit_grads: Tensor) -> tuple[Tensor, Tensor]
     if features.ndim == 2:
         return features.unsqueeze(1), logit_grads.unsqueeze(1)
     return features, logit_grads
+
+
+def _autocast_available(device_type: str) -> bool:
+    probe = getattr(torch.amp, "is_autocast_available", None)
+    return bool(probe(device_type)) if probe is not None else device_type in ("cpu", "cuda")
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """A context in which autocast is off on ``device``'s type: its matrix products run in their inputs' dtype.
+
+    Lightning runs ``training_step`` under the autocast of its precision setting, and everything called from
+    it inherits that: a float32 matrix product inside would run in bfloat16 or float16. The Gram matrices,
+    OMP, gradient norms and gradient errors are exact computations, so they leave autocast.
+    """
+    if not _autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
+def outside_autocast(function: F) -> F:
+    """Run ``function`` with autocast off on the device of its first tensor argument (see :func:`autocast_off`)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        tensor = next((value for value in (*args, *kwargs.values()) if isinstance(value, Tensor)), None)
+        if tensor is None:
+            return function(*args, **kwargs)
+        with autocast_off(tensor.device):
+            return function(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

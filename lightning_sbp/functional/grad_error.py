@@ -12,6 +12,8 @@ import operator
 import torch
 from torch import Tensor
 
+from lightning_sbp.functional._inputs import outside_autocast
+
 __all__ = ["random_subset_gradient_error", "relative_gradient_error", "subset_gradient_error"]
 
 
@@ -29,6 +31,7 @@ def _relative(squared_error: Tensor, squared_reference: Tensor) -> Tensor:
     return torch.where(reference > 0, error / reference, torch.where(error > 0, torch.inf, 0.0))
 
 
+@outside_autocast
 def subset_gradient_error(gram: Tensor, indices: Tensor, weights: Tensor | None = None) -> Tensor:
     """Relative error of a weighted subset's mean gradient against the full batch's.
 
@@ -72,6 +75,7 @@ def subset_gradient_error(gram: Tensor, indices: Tensor, weights: Tensor | None 
     return _relative(subset_sq - 2 * cross + mean_sq, mean_sq)
 
 
+@outside_autocast
 def random_subset_gradient_error(gram: Tensor, k: int) -> Tensor:
     """Root of the expected squared relative error of a uniformly random subset of ``k`` examples.
 
@@ -104,6 +108,7 @@ def random_subset_gradient_error(gram: Tensor, k: int) -> Tensor:
     return _relative(spread * ((n - k) / (k * (n - 1))), mean_sq)
 
 
+@outside_autocast
 def relative_gradient_error(approximation: list[Tensor], reference: list[Tensor]) -> Tensor:
     """``‖approximation − reference‖ / ‖reference‖`` over parameter tensors taken as one vector.
 

@@ -15,7 +15,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from lightning_sbp.functional._inputs import DEFAULT_CHUNK_ELEMENTS, as_sequences, compute_dtype
+from lightning_sbp.functional._inputs import DEFAULT_CHUNK_ELEMENTS, as_sequences, compute_dtype, outside_autocast
 from lightning_sbp.functional.sketch import gradient_sketch, sketch_cost
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 
+@outside_autocast
 def logit_gradients(
     logits: Tensor, targets: Tensor, label_smoothing: float = 0.0, weight: Tensor | None = None
 ) -> Tensor:
@@ -112,6 +113,7 @@ def choose_form(
     return form
 
 
+@outside_autocast
 def gradient_gram(
     features: Tensor,
     logit_grads: Tensor,
@@ -121,6 +123,7 @@ def gradient_gram(
     sketch_dim: int | None = None,
     seed: int | torch.Generator = 0,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Gram matrix of the per-example gradients with respect to a final linear layer.
 
@@ -158,10 +161,12 @@ def gradient_gram(
         sketch_dim: dimension ``m`` of the sketch; ``None`` keeps the result exact.
         seed: seeds the sketch's projection (an integer, or a generator on the device of the inputs).
         chunk_elements: the memory budget of one intermediate block, in elements.
+        dtype: the floating dtype of the arithmetic and the result; by default that of the inputs, at least
+            ``float32``. The logit gradients are converted a block at a time, never as a whole.
 
     Returns:
-        ``[N, N]`` symmetric positive semi-definite matrix in the floating dtype of the inputs, at least
-        ``float32``.
+        ``[N, N]`` symmetric positive semi-definite matrix in ``dtype``. Autocast is off inside, so a Gram
+        matrix formed inside a mixed-precision training step is still computed in ``dtype``.
 
     Raises:
         ValueError: on shapes that do not match, non-floating inputs, an unknown ``form``, or
@@ -179,9 +184,9 @@ def gradient_gram(
         form = choose_form(n, positions, dim, p.shape[2], sketch_dim)
     if form == "sketch":
         assert sketch_dim is not None
-        sketch = gradient_sketch(h, p, sketch_dim, bias=bias, seed=seed, chunk_elements=chunk_elements)
+        sketch = gradient_sketch(h, p, sketch_dim, bias=bias, seed=seed, chunk_elements=chunk_elements, dtype=dtype)
         return sketch @ sketch.T
-    dtype = compute_dtype(h, p)
+    dtype = dtype or compute_dtype(h, p)
     if form == "per_example":
         return _per_example_gram(h, p, bias, dtype, chunk_elements)
     return _token_pair_gram(h, p, bias, dtype, chunk_elements)
@@ -233,6 +238,7 @@ def _per_example_gram(h: Tensor, p: Tensor, bias: bool, dtype: torch.dtype, chun
     return gram
 
 
+@outside_autocast
 def last_layer_gram(
     features: Tensor,
     logits: Tensor,
@@ -263,6 +269,7 @@ def last_layer_gram(
     return gradient_gram(features, logit_gradients(logits, targets, label_smoothing, weight), bias=bias)
 
 
+@outside_autocast
 def gradient_norm_bound(
     features: Tensor, logit_grads: Tensor, bias: bool = True, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 ) -> Tensor:

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from lightning_sbp.functional._inputs import outside_autocast
+
 __all__ = ["omp_gram"]
 
 # Rounds of projected least squares of the non-negative variant.
@@ -32,6 +34,7 @@ _COPY_CHUNK = 16384
 _CACHED_GRAPHS = 8
 
 
+@outside_autocast
 def omp_gram(
     gram: Tensor, target: Tensor, k: int, nonnegative: bool = False, fused: bool = False
 ) -> tuple[Tensor, Tensor]:

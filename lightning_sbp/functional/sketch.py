@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_sbp.functional._inputs import DEFAULT_CHUNK_ELEMENTS, as_sequences, compute_dtype
+from lightning_sbp.functional._inputs import DEFAULT_CHUNK_ELEMENTS, as_sequences, compute_dtype, outside_autocast
 
 __all__ = ["FFT_WEIGHT", "SCATTER_WEIGHT", "gradient_sketch", "sketch_cost"]
 
@@ -60,6 +60,7 @@ def _generator(seed: int | torch.Generator, device: torch.device) -> torch.Gener
     return torch.Generator(device=device).manual_seed(seed)
 
 
+@outside_autocast
 def gradient_sketch(
     features: Tensor,
     logit_grads: Tensor,
@@ -67,6 +68,7 @@ def gradient_sketch(
     bias: bool = True,
     seed: int | torch.Generator = 0,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """TensorSketch of each example's gradient with respect to a final linear layer, ``[N, sketch_dim]``.
 
@@ -85,9 +87,11 @@ def gradient_sketch(
         bias: whether the layer has a bias.
         seed: an integer that seeds the projection, or a generator on the device of the inputs to draw it from.
         chunk_elements: the memory budget of one chunk, in elements.
+        dtype: the floating dtype of the arithmetic and the result; by default that of the inputs, at least
+            ``float32``.
 
     Returns:
-        ``[N, sketch_dim]`` sketches in the floating dtype of the inputs, at least ``float32``.
+        ``[N, sketch_dim]`` sketches in ``dtype``.
 
     Raises:
         ValueError: on shapes that do not match, non-floating inputs or a ``sketch_dim`` below 1.
@@ -97,7 +101,7 @@ def gradient_sketch(
     h, p = as_sequences(features, logit_grads)
     n, positions, dim = h.shape
     classes = p.shape[2]
-    dtype = compute_dtype(h, p)
+    dtype = dtype or compute_dtype(h, p)
     device = h.device
     generator = _generator(seed, device)
     class_bucket, class_sign = _hashes(classes, sketch_dim, generator)

@@ -90,14 +90,11 @@ class Scores:
         key = (dtype, sketch_dim, None if sketch_dim is None else seed)
         if key not in self._grams:
             features, logit_grads = self.require_last_layer("the last-layer Gram matrix")
-            valid = (
-                torch.isfinite(self.losses)
-                & torch.isfinite(features).flatten(1).all(dim=1)
-                & torch.isfinite(logit_grads).flatten(1).all(dim=1)
-            ).view(-1, *([1] * (features.ndim - 1)))
-            features = torch.where(valid, features.to(dtype), 0.0)
-            logit_grads = torch.where(valid, logit_grads.to(dtype), 0.0)
-            self._grams[key] = gradient_gram(features, logit_grads, bias=self.bias, sketch_dim=sketch_dim, seed=seed)
+            gram = gradient_gram(features, logit_grads, bias=self.bias, sketch_dim=sketch_dim, seed=seed, dtype=dtype)
+            # A non-finite input of example i makes K[i, i] non-finite and touches only row and column i, so the
+            # diagonal finds the examples to zero without scanning a [N, T, C] head again.
+            valid = torch.isfinite(self.losses) & torch.isfinite(gram.diagonal())
+            self._grams[key] = torch.where(valid.unsqueeze(0) & valid.unsqueeze(1), gram, 0.0)
         return self._grams[key]
 
     def require_last_layer(self, who: str) -> tuple[Tensor, Tensor]:
