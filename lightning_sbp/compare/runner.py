@@ -282,12 +282,9 @@ class RunRecorder(Callback):
         """Examples that went through a backward pass so far."""
         return self._sbp.examples_backpropagated if self._sbp is not None else self.examples_seen
 
-    def measurement_seconds(self) -> float | None:
-        """Seconds the callback spent so far on measurements only the comparison needs; ``None`` if not timed."""
-        if self._sbp is None:
-            return 0.0
-        seconds = getattr(self._sbp, "measurement_seconds", None)
-        return None if seconds is None else float(seconds)
+    def measurement_seconds(self) -> float:
+        """Seconds the callback spent so far on measurements only the comparison needs (0 without a callback)."""
+        return self._sbp.measurement_seconds if self._sbp is not None else 0.0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Find the run's SelectiveBackprop callback, if any, and sum its squared ratios from now on."""
@@ -334,7 +331,7 @@ class RunRecorder(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Stop the validation clock; record the metric unless this was the sanity check."""
         started = self._validation_started if self._validation_started is not None else time.perf_counter()
-        train_seconds = started - self._started - self.validation_seconds - (self.measurement_seconds() or 0.0)
+        train_seconds = started - self._started - self.validation_seconds - self.measurement_seconds()
         self.validation_seconds += time.perf_counter() - started
         self._validation_started = None
         if trainer.sanity_checking:
@@ -739,7 +736,7 @@ def _summarise(recorder: RunRecorder, mode: str, fit_seconds: float, optimizer_s
         "fit_seconds": fit_seconds,
         "validation_seconds": recorder.validation_seconds,
         "measurement_seconds": measurement,
-        "train_seconds": fit_seconds - recorder.validation_seconds - (measurement or 0.0),
+        "train_seconds": fit_seconds - recorder.validation_seconds - measurement,
         "examples_seen": recorder.examples_seen,
         "examples_backpropagated": recorder.examples_backpropagated(),
         "optimizer_steps": optimizer_steps,
