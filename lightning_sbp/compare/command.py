@@ -11,6 +11,7 @@ from typing import Any
 
 from lightning_sbp.compare import time_to_accuracy
 from lightning_sbp.compare.grid import (
+    GRID_KEYS,
     Grid,
     GridError,
     Run,
@@ -200,24 +201,10 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
         GridError: for anything that cannot run.
     """
     values: dict[str, Any] = load_grid_file(Path(args.config)) if args.config else {}
-    for key in (
-        "base",
-        "output",
-        "methods",
-        "keep",
-        "label_noise",
-        "seeds",
-        "metric",
-        "mode",
-        "threads",
-        "grad_error_every",
-        "correction",
-    ):
-        value = getattr(args, key)
+    for key in GRID_KEYS:
+        value = None if key == "lr" else getattr(args, key, None)  # learning rates have a syntax of their own
         if value is not None:
             values[key] = value
-    if args.target_tolerance is not None:
-        values["target_tolerance"] = args.target_tolerance
     if args.lr is not None:
         values["lr"] = _learning_rate_flags(args.lr)
     if args.assignments:
