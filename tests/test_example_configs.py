@@ -98,17 +98,55 @@ def offline(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pa
 def test_profile_and_compare_run_every_example(
     configs: tuple[Path, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    base = offline(configs[0], tmp_path, monkeypatch)
+    profile_and_compare(base, list(configs[1:]), tmp_path, monkeypatch, capsys)
+
+
+EVERY_KIND = """\
+trainer:
+  logger:
+    class_path: lightning.pytorch.loggers.TensorBoardLogger
+    init_args: {save_dir: runs}
+  callbacks+:
+    - class_path: lightning.pytorch.callbacks.TQDMProgressBar
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {monitor: val/acc, mode: max, save_last: true}
+    - class_path: lightning.pytorch.callbacks.EarlyStopping
+      init_args: {monitor: val/acc, mode: max, patience: 1}
+    - class_path: lightning.pytorch.callbacks.LearningRateMonitor
+    - class_path: lightning.pytorch.callbacks.RichModelSummary
+    - class_path: lightning.pytorch.callbacks.LearningRateFinder
+      init_args: {num_training_steps: 2}
+"""
+
+
+def test_profile_and_compare_run_a_configuration_with_every_kind_of_callback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = tmp_path / "every_kind.yaml"
+    extra.write_text(EVERY_KIND)
+    base = offline(CONFIGS / "digits_full.yaml", tmp_path, monkeypatch)
+    profile_and_compare(base, [extra], tmp_path, monkeypatch, capsys, methods=["full", "omp"])
+
+
+def profile_and_compare(
+    base: Path,
+    snippets: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    methods: tuple[str, ...] | list[str] = ("full", "random"),
+) -> None:
+    """``profile`` in a fast mode, then ``compare`` of ``methods`` for one step, on ``base`` and ``snippets``."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(command, "plot_all", lambda *args, **kwargs: [])  # plots have tests of their own
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)  # the configurations log and save checkpoints under runs/
-    base = offline(configs[0], tmp_path, monkeypatch)
-    snippets = [str(path) for path in configs[1:]]
 
     fast = ["--keep", "0.5", "--steps", "1", "--rounds", "1", "--warmup", "0", "--threads", "1", "--no-progress"]
     output = tmp_path / "profile.json"
-    config_args = [item for config in [str(base), *snippets] for item in ("--config", config)]
+    config_args = [item for config in [base, *snippets] for item in ("--config", str(config))]
     assert profile([*config_args, *fast, "--json", str(output)]) == 0, capsys.readouterr().err
     (row,) = json.loads(output.read_text())
     assert row["full_step_ms"] > 0 and row["selective_step_ms"] > 0 and row["scoring_pass_ms"] > 0
@@ -116,7 +154,7 @@ def test_profile_and_compare_run_every_example(
 
     grid: dict[str, Any] = {
         "base": str(base),
-        "methods": ["full", "random"],
+        "methods": list(methods),
         "keep": [0.5],
         "seeds": [0],
         "threads": 1,
@@ -124,11 +162,11 @@ def test_profile_and_compare_run_every_example(
             "trainer": {"max_epochs": 1, "limit_train_batches": 1, "limit_val_batches": 1, "num_sanity_val_steps": 0}
         },
     }
-    for snippet in configs[1:]:
+    for snippet in snippets:
         merge(grid["overrides"], yaml.safe_load(snippet.read_text()))
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     status = compare(["--config", str(tmp_path / "grid.yaml"), "--output", str(tmp_path / "out"), "--no-progress"])
     assert status == 0, capsys.readouterr().err
     records = [json.loads(path.read_text()) for path in (tmp_path / "out" / "runs").glob("*/record.json")]
-    assert sorted(record["method"] for record in records) == ["full", "random"]
+    assert sorted(record["method"] for record in records) == sorted(methods)
     assert all(record["optimizer_steps"] == 1 for record in records)
