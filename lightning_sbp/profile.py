@@ -127,11 +127,12 @@ class Profile:
         batch_size: ``N``.
         full_step_ms: median time of a training step on ``N`` examples.
         scoring_pass_ms: median time of the scoring pass over ``N`` examples.
-        full_over_score: how many scoring passes a full step costs.
+        full_over_score: how many scoring passes a full step costs (median over rounds of each round's ratio).
         overhead_ms: the fixed overhead of a step (intercept of step time against examples trained on).
         overhead_share: ``overhead_ms`` over the full step.
         break_even_keep: the keep fraction at which the predicted speedup is 1 (``None``: none in (0, 1]).
-        ceiling_speedup: the predicted speedup as ``keep`` goes to 0: scoring and overhead only.
+        ceiling_speedup: the predicted speedup as ``keep`` goes to 0, scoring and overhead only (median over
+            rounds of each round's value).
         rounds: rounds of fits the medians are taken over.
         keeps: one result per keep fraction.
     """
@@ -193,11 +194,13 @@ def analyse(rounds: Sequence[RoundTimes], batch: int, ks: dict[float, int]) -> P
         batch_size=batch,
         full_step_ms=1e3 * full,
         scoring_pass_ms=1e3 * score,
-        full_over_score=full / score if score > 0 else math.inf,
+        full_over_score=statistics.median(r.full / r.score if r.score > 0 else math.inf for r in rounds),
         overhead_ms=1e3 * overhead,
         overhead_share=overhead / full if full > 0 else 0.0,
         break_even_keep=break_even_keep,
-        ceiling_speedup=full / (score + overhead) if score + overhead > 0 else math.inf,
+        ceiling_speedup=statistics.median(
+            r.full / (r.score + overhead) if r.score + overhead > 0 else math.inf for r in rounds
+        ),
         rounds=len(rounds),
         keeps=sorted(results, key=lambda result: result.keep),
     )

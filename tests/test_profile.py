@@ -62,6 +62,21 @@ def test_ratios_are_paired_within_rounds() -> None:
     assert profile.keeps[0].measured_speedup == pytest.approx(fast.full / fast.selective[0.5])
 
 
+def test_the_scoring_ratio_and_the_ceiling_are_paired_within_rounds() -> None:
+    # The load changes between the fits of a round: each round's own ratio counts, not a ratio of medians
+    # taken from different rounds (here 20 / 10 = 2.0, though no round had a ratio of 2).
+    ks = {0.5: 32}
+    rounds = [
+        RoundTimes(full=full, score=score, subset={0.5: full / 2}, selective={0.5: score + full / 2})
+        for full, score in ((10.0, 4.0), (30.0, 10.0), (20.0, 12.0))
+    ]
+    profile = analyse(rounds, 64, ks)
+    assert profile.full_over_score == pytest.approx(2.5)
+    overhead = profile.overhead_ms / 1e3
+    expected = sorted(r.full / (r.score + overhead) for r in rounds)[1]
+    assert profile.ceiling_speedup == pytest.approx(expected)
+
+
 def test_verdict_when_the_scoring_pass_eats_the_saving() -> None:
     batch, ks = 64, {0.25: 16, 0.5: 32}
     # overhead dominates and scoring costs as much as a training step per example: no keep pays off
