@@ -87,6 +87,12 @@ def test_resnet18_uses_the_cifar_stem() -> None:
     assert not any(isinstance(module, nn.MaxPool2d) for module in model.modules())
 
 
+def test_the_digits_cnn_takes_its_width() -> None:
+    model = build_backbone("digits_cnn", num_classes=10, in_channels=1, width=8)
+    assert model.fc.in_features == 16  # type: ignore[union-attr]
+    assert build_backbone("digits_cnn", num_classes=10, in_channels=1).fc.in_features == 64  # type: ignore[union-attr]
+
+
 def test_unknown_backbone_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match=r"available backbones: .*resnet18"):
         build_backbone("vgg", num_classes=10)

@@ -61,7 +61,8 @@ def test_t_test_p_matches_scipy(count: int) -> None:
         mean = sum(values) / count
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (count - 1))
         assert t_test_p(mean, std, count) == pytest.approx(stats.ttest_1samp(values, 0.0).pvalue, rel=1e-9, abs=1e-12)
-    assert t_test_p(0.5, 0.0, 3) == 0.0 and t_test_p(0.0, 0.0, 3) == 1.0
+    # no spread at all: nothing to test for a zero mean, and no estimate of the noise for another one
+    assert t_test_p(0.0, 0.0, 3) == 1.0 and math.isnan(t_test_p(0.5, 0.0, 3))
 
 
 def test_holm_rejects_what_the_step_down_procedure_rejects() -> None:
@@ -132,7 +133,7 @@ def synthetic() -> tuple[Grid, list[Any], list[dict[str, Any]]]:
     for seed in seeds:
         base = 0.90 + 0.01 * seed  # seeds differ a lot; pairing removes it
         records.append(_record("full", seed, base + 0.01, 10.0 + seed))
-        records.append(_record("random", seed, base, 6.0 + seed))
+        records.append(_record("random", seed, base, 6.0 + seed + noise[seed]))
         records.append(_record("topk", seed, base - 0.08 + noise[seed] / 4, 6.1 + seed))
         records.append(_record("omp", seed, base + noise[seed], 9.0 + seed + noise[seed] * 100))
     grid = Grid.from_values(
@@ -158,7 +159,7 @@ def test_significance_column_separates_a_real_difference_from_noise(synthetic: A
         -0.08 + sum([0.004, -0.006, 0.002, -0.001, 0.005]) / 20
     )
     assert not found[("omp", "random", "final")].significant
-    assert found[("random", "full", "train_seconds")].significant  # 4 s faster on every seed
+    assert found[("random", "full", "train_seconds")].significant  # about 4 s faster on every seed
     assert ("full", "random", "final") not in found and ("random", "random", "final") not in found
 
     tables = significance_tables(rows, differences, grid.metric)
@@ -354,3 +355,39 @@ def test_the_aa_row_is_labelled_and_read_as_a_calibration(shift: float) -> None:
     else:  # a shift no chance explains: the sentence says the test cannot be trusted here
         assert sentences[-1].startswith("Calibration failed: the A/A row (random:seed_offset=1) differs from random")
         assert "final at label noise 0" in sentences[-1]
+
+
+def test_a_difference_equal_on_every_seed_is_not_a_finding() -> None:
+    # A metric at its resolution: one validation image (1/359) on each of three seeds.
+    image = 1 / 359
+    records = []
+    for seed in range(3):
+        records.append(_record("full", seed, 0.9972, 10.0 + seed))
+        records.append(_record("random", seed, 0.9972 - image, 4.0 + seed))
+        records.append(_record("omp", seed, 0.9972, 6.0 + 1.1 * seed))
+    grid = Grid.from_values(
+        {
+            "base": str(ROOT / "examples" / "configs" / "digits_full.yaml"),
+            "output": "unused",
+            "methods": ["full", "random", "omp"],
+            "keep": [0.5],
+            "seeds": [0, 1, 2],
+        }
+    )
+    rows = select_best_lr(summarise(records, grid), grid.mode)
+    differences = compare_rows(rows, records)
+    found = {(d.method, d.reference, d.quantity): d for d in differences}
+    constant = found[("omp", "random", "final")]
+    assert constant.interval.mean == pytest.approx(image) and constant.adjusted_p is None
+    assert not constant.beyond_noise
+    level = found[("omp", "full", "final")]  # equal on every seed: tested, and no difference
+    assert level.adjusted_p == 1.0 and not level.beyond_noise
+    table = significance_tables(rows, differences, grid.metric)
+    assert "| 0 | omp | 0.5 | +0.0028 [+0.0028, +0.0028] | no spread over seeds |" in table
+    text = " ".join(reading(rows, differences, grid.metric, grid.mode))
+    assert "omp at keep 0.5 (+0.0028) differed from random by the same amount on every seed" in text
+    assert "better final val/acc than random" not in text
+    # constant non-zero differences stay out of the families: of the three comparisons per table, one is tested in
+    # final val/acc (omp level with full on every seed, a tested zero), two in train time (random is 6 s faster on
+    # every seed)
+    assert "over each table (1 and 2 comparisons)" in text

@@ -58,7 +58,8 @@ class Interval:
         high: the upper end.
         pairs: how many pairs (seeds) it is computed from.
         confidence: the confidence level of the interval.
-        p_value: the two-sided paired t-test's p-value of a zero mean (``nan`` with fewer than two pairs).
+        p_value: the two-sided paired t-test's p-value of a zero mean (``nan`` with fewer than two pairs, or
+            when every pair differs by the same non-zero amount: see :func:`t_test_p`).
     """
 
     mean: float
@@ -163,13 +164,15 @@ def t_test_p(mean: float, std: float, count: int) -> float:
         count: the sample size, at least 2.
 
     Returns:
-        ``P(|T| >= |t|)`` with ``t = mean / (std / sqrt(count))`` and ``count - 1`` degrees of freedom;
-        without any spread, 0 for a non-zero mean and 1 for a zero one.
+        ``P(|T| >= |t|)`` with ``t = mean / (std / sqrt(count))`` and ``count - 1`` degrees of freedom.
+        Without any spread: 1 for a zero mean, and NaN (no test) for a non-zero one. Equal non-zero
+        differences on every seed come from a metric at its resolution (one validation example on
+        every seed), not from the absence of seed noise; they give no estimate of it.
     """
     if count < 2:
         raise ValueError(f"a t-test needs at least two values, got {count}")
     if std == 0.0:
-        return 1.0 if mean == 0.0 else 0.0
+        return 1.0 if mean == 0.0 else math.nan
     statistic = abs(mean) / (std / math.sqrt(count))
     return min(1.0, max(0.0, 1.0 - _central_mass(statistic, count - 1)))
 
@@ -237,11 +240,11 @@ def compare_rows(rows: Sequence[Row], records: Iterable[dict[str, Any]], correct
 def adjust_families(differences: Sequence[Difference], correction: str) -> list[Difference]:
     """The differences with their p-values adjusted by ``correction``, one family per quantity (one per table).
 
-    Differences with a single pair have no p-value and stay outside every family.
+    Differences without a p-value (a single pair, or no spread) stay outside every family.
     """
     adjusted = list(differences)
     for quantity in {difference.quantity for difference in differences}:
-        family = [i for i, d in enumerate(differences) if d.quantity == quantity and d.interval.pairs > 1]
+        family = [i for i, d in enumerate(differences) if d.quantity == quantity and math.isfinite(d.interval.p_value)]
         values = adjust([differences[i].interval.p_value for i in family], correction)
         for i, value in zip(family, values, strict=True):
             adjusted[i] = dataclasses.replace(differences[i], adjusted_p=value)
@@ -294,8 +297,10 @@ def _cells(difference: Difference | None, digits: int) -> list[str]:
     text = f"{interval.mean:+.{digits}f}"
     if interval.pairs > 1:
         text += f" [{interval.low:+.{digits}f}, {interval.high:+.{digits}f}]"
-    if interval.pairs < 2 or difference.adjusted_p is None:
+    if interval.pairs < 2:
         return [text, "one seed"]
+    if difference.adjusted_p is None:
+        return [text, "no spread over seeds"]
     p = f"({_p(difference.adjusted_p)})"
     if difference.beyond_noise:
         return [f"**{text}**", "**yes, " + ("higher" if interval.mean > 0 else "lower") + f"** {p}"]
@@ -376,10 +381,12 @@ def _where(difference: Difference) -> str:
 
 
 def _against_random(differences: Sequence[Difference], metric: str, mode: str) -> str:
-    better, worse, same = [], [], []
+    better, worse, same, constant = [], [], [], []
     for d in differences:
         name = _name(d)
-        if not d.beyond_noise:
+        if d.adjusted_p is None and d.interval.pairs > 1:
+            constant.append(f"{name} ({d.interval.mean:+.4f})")
+        elif not d.beyond_noise:
             same.append(name)
         elif (d.interval.mean > 0) == (mode == "max"):
             better.append(f"{name} ({d.interval.mean:+.4f})")
@@ -393,6 +400,11 @@ def _against_random(differences: Sequence[Difference], metric: str, mode: str) -
     if same:
         verb = "does" if len(same) == 1 else "do"
         parts.append(f"{_join(same)} {verb} not differ from random beyond seed noise")
+    if constant:
+        parts.append(
+            f"{_join(constant)} differed from random by the same amount on every seed, which gives no estimate of "
+            f"seed noise (the {metric} at its resolution): no finding either way"
+        )
     return "; ".join(parts) + "."
 
 

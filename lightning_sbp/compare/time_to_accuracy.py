@@ -159,7 +159,7 @@ def time_to_target(
 
 def _p(result: TimeToTarget) -> float | None:
     interval = result.log_interval
-    return None if interval is None or interval.pairs < 2 else interval.p_value
+    return None if interval is None or not math.isfinite(interval.p_value) else interval.p_value
 
 
 def _paired(result: TimeToTarget, full: TimeToTarget | None) -> TimeToTarget:
@@ -234,7 +234,7 @@ def _noise_cell(result: TimeToTarget) -> str:
         why += ["full did not reach it on every seed"] if result.bound in ("lower", "none") else []
         return "not tested: " + "; ".join(why)
     if result.adjusted_p is None:
-        return "one seed"
+        return "one seed" if result.log_interval.pairs < 2 else "no spread over seeds"
     p = "p < 0.001" if result.adjusted_p < 1e-3 else f"p = {result.adjusted_p:.3f}"
     if result.beyond_noise:
         return f"**yes, {'faster' if result.speedup and result.speedup > 1 else 'slower'}** ({p})"
