@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import math
+import os
 import statistics
 import sys
 import time
@@ -135,6 +137,9 @@ class Profile:
             rounds of each round's value).
         rounds: rounds of fits the medians are taken over.
         keeps: one result per keep fraction.
+        load_average: the machine's 1-minute load average before and after the fits, lowest first
+            (``None`` where the system has none).
+        cpus: the machine's CPU count.
     """
 
     batch_size: int
@@ -147,6 +152,8 @@ class Profile:
     ceiling_speedup: float
     rounds: int
     keeps: list[KeepResult]
+    load_average: tuple[float, float] | None = None
+    cpus: int | None = None
 
 
 def analyse(rounds: Sequence[RoundTimes], batch: int, ks: dict[float, int]) -> Profile:
@@ -266,10 +273,25 @@ def format_report(profile: Profile) -> str:
         f"break-even keep: {break_even}.",
         f"best case (keep → 0): {profile.ceiling_speedup:.2f}×.",
         "predicted = T_full(N) / (T_score(N) + T_full(k)); agreement = measured / predicted.",
+        *_load_line(profile),
         "",
         verdict(profile),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _load_line(profile: Profile) -> list[str]:
+    """The load the fits ran under, and a warning when the machine was busier than its CPUs."""
+    if profile.load_average is None:
+        return []
+    low, high = profile.load_average
+    line = f"1-minute load average during the fits: {low:.1f} to {high:.1f} on {profile.cpus or '?'} CPUs"
+    if profile.cpus and high > profile.cpus:
+        line += (
+            "; the machine was busier than its CPUs, so step times are noisy and the ratios may be off: profile "
+            "again on a quieter machine, or with --threads 1"
+        )
+    return [line + "."]
 
 
 def json_rows(profile: Profile) -> list[dict[str, Any]]:
@@ -575,6 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     total = 1 + args.rounds * (2 + 2 * len(keeps))
+    before = _load_average()
     with _quiet(), _progress(total, not args.no_progress) as advance:
         try:
             setup = _build(args.config, extra, args.warmup, args.steps)
@@ -585,12 +608,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (DatasetNotFoundError, ScoringError) as err:
             sys.stderr.write(f"error: {err}\n")
             raise SystemExit(1) from None
-    profile = analyse(rounds, batch, ks)
+    loads = [load for load in (before, _load_average()) if load is not None]
+    profile = dataclasses.replace(
+        analyse(rounds, batch, ks),
+        load_average=(min(loads), max(loads)) if loads else None,
+        cpus=os.cpu_count(),
+    )
     print(format_report(profile), end="")
     if args.json:
         Path(args.json).write_text(json.dumps(json_rows(profile), indent=2) + "\n")
         print(f"json: {args.json}")
     return 0
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average of the machine (``None`` where the system has none)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -140,3 +141,13 @@ def test_json_output_of_a_tiny_real_run(tmp_path: Path, capsys: pytest.CaptureFi
     assert row["measured_speedup"] == pytest.approx(row["full_step_ms"] / row["selective_step_ms"])
     assert f"| 0.5 | 8 | {row['predicted_speedup']:.2f}× | {row['measured_speedup']:.2f}× |" in printed
     assert printed.rstrip().splitlines()[-2] == row["verdict"]
+
+
+def test_the_report_gives_the_load_and_warns_when_the_machine_was_busy() -> None:
+    batch, ks = 64, {0.5: 32}
+    profile = analyse([known_costs(1e-3, 1e-4, 3e-5, batch, ks)], batch, ks)
+    assert "load average" not in format_report(profile)
+    calm = format_report(dataclasses.replace(profile, load_average=(0.4, 1.2), cpus=2))
+    assert "1-minute load average during the fits: 0.4 to 1.2 on 2 CPUs." in calm and "busier" not in calm
+    busy = format_report(dataclasses.replace(profile, load_average=(1.5, 4.5), cpus=2))
+    assert "1.5 to 4.5 on 2 CPUs; the machine was busier than its CPUs" in busy and "--threads 1" in busy
