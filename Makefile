@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-packaging test-floor bench lint docs clean
+.PHONY: setup demo test test-packaging test-floor test-gpu bench lint docs clean
 
 setup: $(STAMP)
 
@@ -29,7 +29,7 @@ FLOOR_VENV := .venv-floor
 FLOOR_STAMP := $(FLOOR_VENV)/.installed
 FLOOR_PINS := lightning==2.3.0 torchmetrics==1.0.0 'jsonargparse[signatures]==4.27.7' 'setuptools<81'
 FLOOR_TESTS := tests/test_callback.py tests/test_selectors.py tests/test_functional_*.py tests/test_metrics.py \
-	tests/test_schedule.py tests/test_imports.py
+	tests/test_schedule.py tests/test_imports.py tests/test_selection_step.py tests/test_mixed_precision.py
 
 $(FLOOR_STAMP): pyproject.toml
 	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
@@ -38,6 +38,20 @@ $(FLOOR_STAMP): pyproject.toml
 
 test-floor: $(FLOOR_STAMP)
 	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider $(FLOOR_TESTS)
+
+# The GPU checks: the tests marked gpu, then benchmark rows on the GPU. No set-up step and no network: it runs
+# with the interpreter at hand (.venv's when there is one), which needs the package and its test requirements.
+# Without a CUDA device it says so in one line and stops.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+
+test-gpu:
+	@if ! $(GPU_PYTHON) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		echo "test-gpu: skipped, torch sees no CUDA device on this machine"; exit 0; fi; \
+	set -e; \
+	$(GPU_PYTHON) -m pytest -q -p no:cacheprovider -m gpu tests; \
+	$(GPU_PYTHON) benchmarks/step_time.py --accelerator gpu --keeps 0.25 --rounds 2; \
+	$(GPU_PYTHON) benchmarks/omp.py --device cuda --sizes 256 1024; \
+	$(GPU_PYTHON) benchmarks/sequence_gram.py --device cuda
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py

@@ -43,11 +43,11 @@ from lightning_sbp.recipes.evaluation import ClassifierEvaluation
 from lightning_sbp.selectors import OMPSelector, Selector, get_selector
 
 CANDIDATES: dict[str, dict[str, Any] | None] = {
-    "normalized": {"nonnegative": False},
+    "normalized": {"weights": "normalized", "nonnegative": False},
     "raw": {"weights": "raw", "nonnegative": False},
-    "nonnegative": {"nonnegative": True},
-    "ridge": {"ridge": 0.1, "nonnegative": False},
-    "unguarded": {"max_weight": 1e30, "nonnegative": False},
+    "nonnegative": {"weights": "normalized", "nonnegative": True},
+    "ridge": {"weights": "normalized", "ridge": 0.1, "nonnegative": False},
+    "unguarded": {"weights": "normalized", "max_weight": 1e30, "nonnegative": False},
     "uniform": {"weights": "uniform"},
     "random": None,
 }
@@ -159,7 +159,7 @@ def fit(task: str, method: str, noise: float, seed: int) -> dict[str, Any]:
     model, data, epochs = {"digits": digits, "cancer": cancer, "sequences": sequences}[task](noise, seed)
     options = CANDIDATES[method]
     selector: Selector = get_selector("random") if options is None else OMPSelector(**options)
-    sbp = SelectiveBackprop(selector, keep=0.25, seed=seed)
+    sbp = SelectiveBackprop(selector, keep=0.25, seed=seed, grad_error_every=1)
     recorder = SelectionRecorder(sbp)
     trainer = pl.Trainer(
         accelerator="cpu",

@@ -17,11 +17,20 @@ sequence length ``T`` the script times, back to back in every repeat:
 The table gives median times and the median over repeats of each time divided by the step time of the same
 repeat, so that the ratios share the machine's load; ``sketch err`` is the relative Frobenius error of the
 sketched Gram matrix. Run it on an otherwise idle machine.
+
+A second table gives the memory that turning a bfloat16 head's logits ``[N, T, C]`` (what a ``bf16-mixed``
+forward gives) into per-example losses, logit gradients and the Gram matrix takes beyond the logits
+themselves: the library's path (:func:`~lightning_sbp.functional.per_example_cross_entropy`, the logit
+gradients of :mod:`lightning_sbp.scoring` and :meth:`~lightning_sbp.selectors.Scores.gram_in`, which convert
+the head a block of examples at a time) against the same computation on the whole head at once. It is the
+peak of the process's resident memory on the CPU (reset through ``/proc/self/clear_refs``) and of the
+allocator's on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -31,8 +40,10 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lightning_sbp.functional import gradient_gram, omp_gram
+from lightning_sbp.functional import gradient_gram, omp_gram, per_example_cross_entropy
 from lightning_sbp.functional.gram import choose_form
+from lightning_sbp.scoring import logit_gradients_by_autograd
+from lightning_sbp.selectors import Scores
 
 
 def _sequence_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -134,6 +145,76 @@ def measure(length: int, args: argparse.Namespace) -> str:
     )
 
 
+def _resident_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field))
+    return int(line.split()[1]) * 1024
+
+
+def peak_bytes(job: Callable[[], object], device: torch.device) -> int | None:
+    """Memory ``job`` held at its peak beyond what was allocated before it; ``None`` where it cannot be read."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        job()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # resets the peak resident set size to the current one
+    except OSError:
+        return None
+    before = _resident_bytes("VmRSS:")
+    job()
+    return _resident_bytes("VmHWM:") - before
+
+
+def _in_blocks(logits: torch.Tensor, targets: torch.Tensor, features: torch.Tensor) -> None:
+    """The library's path: losses, logit gradients and the Gram matrix, the head converted a block at a time."""
+    losses = per_example_cross_entropy(logits, targets)
+    grads = logit_gradients_by_autograd(per_example_cross_entropy, logits, targets)
+    Scores(losses, None, grads, features, bias=False).gram_in(torch.float32)
+
+
+def _whole_head(logits: torch.Tensor, targets: torch.Tensor, features: torch.Tensor) -> None:
+    """The same computation on the whole head at once, with the non-finite examples zeroed in full copies."""
+    losses = F.cross_entropy(logits.float().movedim(-1, 1), targets, reduction="none").mean(dim=1)
+    leaf = logits.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(leaf.movedim(-1, 1), targets, reduction="none").mean(dim=1)
+        (grads,) = torch.autograd.grad(loss.sum(), leaf)
+    valid = torch.isfinite(losses) & torch.isfinite(grads).flatten(1).all(dim=1)
+    grads = torch.where(valid.view(-1, 1, 1), grads.to(torch.float32), 0.0)
+    gradient_gram(torch.where(valid.view(-1, 1, 1), features, 0.0), grads, bias=False)
+
+
+def memory_table(args: argparse.Namespace) -> str:
+    """Peak memory of the scoring pass's processing of a bfloat16 head, in blocks and whole."""
+    device = torch.device(args.device)
+    rows = [
+        "| T | logits (MiB) | whole head (MiB) | in blocks (MiB) | whole / in blocks |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for length in args.lengths:
+        generator = torch.Generator(device=device).manual_seed(0)
+        shape = (args.batch, length, args.vocab)
+        logits = torch.randn(shape, generator=generator, device=device).bfloat16()
+        features = torch.randn(args.batch, length, args.width, generator=generator, device=device)
+        targets = torch.randint(0, args.vocab, (args.batch, length), generator=generator, device=device)
+
+        inputs = (logits, targets, features)
+        blocked = peak_bytes(functools.partial(_in_blocks, *inputs), device)
+        full = peak_bytes(functools.partial(_whole_head, *inputs), device)
+        if blocked is None or full is None:
+            return "(peak memory cannot be read on this machine)"
+        mib = 2.0**20
+        rows.append(
+            f"| {length} | {logits.nbytes / mib:.0f} | {full / mib:.0f} | {blocked / mib:.0f} | {full / blocked:.1f} |"
+        )
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -144,6 +225,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--sketch-dim", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory-only", action="store_true", help="only the memory table")
     args = parser.parse_args()
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, load average {load}")
@@ -151,7 +233,11 @@ def main() -> None:
         f"GPT-2: N={args.batch}, D={args.width}, C={args.vocab}, {args.layers} layers; "
         f"sketch_dim={args.sketch_dim}, k={args.batch // 2}"
     )
-    print(run(args))
+    if not args.memory_only:
+        print(run(args))
+    print()
+    print("Peak memory beyond the logits: per-example losses, logit gradients and the Gram matrix of a bf16 head")
+    print(memory_table(args))
 
 
 if __name__ == "__main__":

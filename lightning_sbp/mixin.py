@@ -92,10 +92,19 @@ class SelectiveBackpropMixin:
         return (subset.weights.to(losses.dtype) * losses).mean()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """A classifier step: ``sbp_reduce(sbp_loss(*sbp_forward(batch)))``, logged as ``train/loss``."""
+        """A classifier step: ``sbp_reduce(sbp_loss(*sbp_forward(batch)))``.
+
+        Logs two losses of the examples it trains on. ``train/loss`` is the objective it returns: under a
+        weighted selector (``omp``, ``gradnorm``) the weighted mean ``(1/k) sum_i w_i l_i``, whose scale
+        follows the weights (``omp``'s raw weights need not sum to ``k``), so it is not comparable across
+        selectors. ``train/loss_unweighted`` is their plain mean, the same quantity under every selector and
+        without one (equal to ``train/loss`` when the weights are all ones).
+        """
         logits, targets = self.sbp_forward(batch)
-        loss = self.sbp_reduce(self.sbp_loss(logits, targets))
+        losses = self.sbp_loss(logits, targets)
+        loss = self.sbp_reduce(losses)
         self.log("train/loss", loss, prog_bar=True)  # type: ignore[attr-defined]
+        self.log("train/loss_unweighted", losses.detach().mean())  # type: ignore[attr-defined]
         return loss
 
 

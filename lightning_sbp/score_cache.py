@@ -132,18 +132,19 @@ class ScoreCache:
         """
         if not self.tensors:
             return None
+        self._place(indices.device)
         rows = self._host_rows(indices, host)
         age = epoch - self._scored[rows]
         if not ((age >= 0) & (age <= self.stale_epochs)).all():
             return None
         found = {}
         for name, tensor in self.tensors.items():
-            if tensor.device.type == "cpu":
+            if self.placement == "cpu":
                 staged = torch.empty((len(rows), *tensor.shape[1:]), dtype=tensor.dtype, pin_memory=tensor.is_pinned())
                 torch.index_select(tensor, 0, torch.from_numpy(rows), out=staged)
                 picked = staged.to(indices.device, non_blocking=True)
             else:
-                picked = tensor.index_select(0, indices.to(tensor.device))
+                picked = tensor.index_select(0, indices)
             found[name] = picked.float()
         return Scores(bias=self.bias, **found)
 
@@ -157,6 +158,7 @@ class ScoreCache:
         values = {name: getattr(scores, name) for name in self.fields if getattr(scores, name) is not None}
         if any(name not in self.tensors for name in values):
             self._allocate(values, indices.device)
+        self._place(indices.device)
         rows = self._host_rows(indices, host)
         if (rows < 0).any():
             kept = np.flatnonzero(rows >= 0)
@@ -165,9 +167,16 @@ class ScoreCache:
             values = {name: value.index_select(0, positions.to(value.device)) for name, value in values.items()}
         for name, value in values.items():
             tensor = self.tensors[name]
-            where = torch.from_numpy(rows) if tensor.device.type == "cpu" else indices.to(tensor.device)
+            where = torch.from_numpy(rows) if self.placement == "cpu" else indices
             tensor[where] = value.to(tensor.device, self.dtype)
         self._scored[rows] = epoch
+
+    def _place(self, device: torch.device) -> None:
+        """Move device-placed scores to ``device`` (once, after a checkpoint restored them on the CPU)."""
+        if self.placement == "device":
+            for name, tensor in self.tensors.items():
+                if tensor.device != device:
+                    self.tensors[name] = tensor.to(device)
 
     def _allocate(self, values: dict[str, Tensor], device: torch.device) -> None:
         if self.placement == "cpu":

@@ -165,6 +165,25 @@ class SaveAt(pl.Callback):
             trainer.save_checkpoint(self.path)
 
 
+class FailOnRank(pl.Callback):
+    """Raises on one rank at its second training batch, in fits that have a SelectiveBackprop callback.
+
+    Named in a comparison's configuration, it fails the selective runs of a grid mid-fit, on one
+    rank only, and leaves its ``full`` runs alone.
+    """
+
+    def __init__(self, rank: int = 1, message: str = "this rank fails on purpose") -> None:
+        self.rank = rank
+        self.message = message
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        selective = any(isinstance(callback, SelectiveBackprop) for callback in trainer.callbacks)  # type: ignore[attr-defined]
+        if selective and batch_idx == 1 and trainer.global_rank == self.rank:
+            raise RuntimeError(self.message)
+
+
 class GlooSyncBatchNorm(_BatchNorm):
     """Synchronised batch norm that runs on CPU: batch statistics summed over ranks with a differentiable all-reduce.
 
@@ -311,11 +330,22 @@ def rank_scores(rank: int) -> tuple[Tensor, Scores]:
     return indices, scores
 
 
-def gather_worker(rank: int, world: int, port: int, out: str, capacity: int | None = None) -> None:
-    """Each rank gathers every rank's :func:`rank_scores` (padded to ``capacity`` if given) and saves what it got."""
+def gather_worker(
+    rank: int, world: int, port: int, out: str, capacity: int | None = None, storage: str | None = None
+) -> None:
+    """Each rank gathers every rank's :func:`rank_scores` (padded to ``capacity`` if given) and saves what it got.
+
+    With ``storage`` (a dtype name), only the losses and logit gradients travel, in that dtype, and the example
+    indices are beyond what any floating dtype holds exactly.
+    """
     from lightning_sbp.score_cache import gather_scores
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    torch.save(gather_scores(*rank_scores(rank), capacity=capacity), Path(out) / f"rank{rank}.pt")
+    indices, scores = rank_scores(rank)
+    options: dict[str, Any] = {}
+    if storage is not None:
+        indices = indices + 2**53 + 1
+        options = {"fields": ("losses", "logit_grads"), "dtype": getattr(torch, storage)}
+    torch.save(gather_scores(indices, scores, capacity=capacity, **options), Path(out) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()

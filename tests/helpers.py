@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_sbp import SelectiveBackpropMixin
+from lightning_sbp.entry import main as cli_main
 
 
 def blobs(n: int = 256, classes: int = 4, size: int = 8, seed: int = 0) -> TensorDataset:
@@ -146,6 +147,15 @@ def trainer(**kwargs: Any) -> pl.Trainer:
     return pl.Trainer(**options)
 
 
+def compare(args: list[str]) -> int:
+    """Run ``lightning-sbp compare`` with ``args`` in this process; its exit status."""
+    try:
+        status = cli_main(["compare", *args])
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 1
+    return int(status or 0)
+
+
 def sequence_losses(module: Any, batch: Any) -> Tensor:
     """A ``score_fn`` for Lightning's demo ``LightningTransformer``: per-sequence next-token losses.
 
@@ -201,3 +211,23 @@ def tiny_tokenizer(folder: Path) -> str:
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     bert_tokenizer(str(vocab)).save_pretrained(folder / "tokenizer")
     return str(folder / "tokenizer")
+
+
+def squared_error_tolerance(
+    gram: Tensor, indices: Tensor, weights: Tensor, length: int, eps: float = torch.finfo(torch.float64).eps
+) -> float:
+    """A bound on the rounding error of a squared relative gradient error formed in a dtype of machine ``eps``.
+
+    The squared error is ``‖Σ_i a_i g_i‖² / ‖ḡ‖²`` with ``a = w/k`` on the subset and ``−1/N`` everywhere. Formed
+    from ``K`` (entries that are inner products of length ``length``, then sums of up to ``N²`` products) or from
+    materialised gradients (sums of ``N`` rows, then a squared norm of length ``length``), each rounding is at
+    most ``eps`` relative to a term bounded by ``|a_i| |a_j| ‖g_i‖ ‖g_j‖``, so either error is below
+    ``(N² + length) · eps · (Σ_i |a_i| ‖g_i‖)² / ‖ḡ‖²`` (twice that bounds two computations compared). Near the
+    full batch the form cancels to 0: this is an absolute floor, whatever the processor's summation order.
+    ``gram`` is the float64 reference.
+    """
+    n, k = gram.shape[0], indices.shape[0]
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    spread = (weights.abs().to(gram.dtype) * norms[indices]).sum() / k + norms.sum() / n
+    mean_sq = gram.sum() / n**2
+    return float(2 * (n * n + length) * eps * spread**2 / mean_sq)

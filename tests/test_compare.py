@@ -9,11 +9,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
+from helpers import compare
 
 from lightning_sbp.compare import FULL, SMALL_BATCH, Grid, GridError, expand
 from lightning_sbp.compare.report import format_mean_std
 from lightning_sbp.compare.runner import RunRecorder
-from lightning_sbp.entry import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "examples" / "configs" / "digits_full.yaml"
@@ -66,14 +66,6 @@ def counts() -> Iterator[Counts]:
         yield counted
 
 
-def compare(args: list[str]) -> int:
-    try:
-        status = cli_main(["compare", *args])
-    except SystemExit as stop:
-        return stop.code if isinstance(stop.code, int) else 1
-    return int(status or 0)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory, counts: Counts) -> Path:
     output = tmp_path_factory.mktemp("compare") / "out"
@@ -106,11 +98,11 @@ def test_a_tiny_grid_writes_records_table_csv_and_plots(tiny: Path) -> None:
     random = by_method["random"]
     assert random["measured_steps"] == 2 and [entry["measured_steps"] for entry in random["epochs"]] == [1, 1]
     assert random["grad_error_sq_ratio"] > 0 and random["grad_error_sq_ratio_se"] is not None
-    # the measurements are timed apart and kept out of the train time; full has none
+    # the measurements are timed apart and kept out of the train time; full has none. The fit's time ends a
+    # little later than the train time, after the fit's teardown: what is left is that teardown, not the measurement.
     assert random["measurement_seconds"] > 0 and by_method["full"]["measurement_seconds"] == 0.0
-    assert random["train_seconds"] == pytest.approx(
-        random["fit_seconds"] - random["validation_seconds"] - random["measurement_seconds"]
-    )
+    remaining = random["fit_seconds"] - random["validation_seconds"] - random["measurement_seconds"]
+    assert 0 < random["train_seconds"] <= remaining
     assert by_method["full"]["grad_error"] is None and by_method["full"]["epochs"] == []
     summary = (tiny / "summary.md").read_text()
     table = summary.split("\n## ")[0]

@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
+from helpers import compare
 
 from lightning_sbp.compare.command import build_parser, grid_from_args
 from lightning_sbp.compare.grid import GridError, Run, base_fingerprint, expand
@@ -30,7 +31,6 @@ from lightning_sbp.compare.runner import (
     prepare_output,
     run_grid,
 )
-from lightning_sbp.entry import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "examples" / "configs" / "digits_full.yaml"
@@ -57,14 +57,6 @@ GRID = [
 # What a run computes; times and the environment vary from run to run.
 COMPUTED = ("final", "best", "validation_values", "optimizer_steps", "examples_backpropagated", "grad_error", "threads")
 SUMMARY = ("method", "keep", "run_ids", "final_mean", "best_mean", "grad_error", "examples_backpropagated")
-
-
-def compare(args: list[str]) -> int:
-    try:
-        status = cli_main(["compare", *args])
-    except SystemExit as stop:
-        return stop.code if isinstance(stop.code, int) else 1
-    return int(status or 0)
 
 
 def computed(output: Path) -> dict[str, dict[str, Any]]:
@@ -313,9 +305,9 @@ def test_a_directory_being_prepared_by_another_cell_is_accepted(tmp_path: Path) 
     [
         ("cpu", 1, None, True, {"num_cpus": 1.0, "num_gpus": 0.0}),
         ("cpu", 2, 3, False, {"num_cpus": 6.0, "num_gpus": 0.0}),
-        ("gpu", 2, None, False, {"num_cpus": 1.0, "num_gpus": 2.0}),
-        ("cuda", [0, 3], 4, True, {"num_cpus": 4.0, "num_gpus": 2.0}),
-        ("cuda", "0,1,", None, True, {"num_cpus": 1.0, "num_gpus": 2.0}),
+        ("gpu", 2, None, False, {"num_cpus": 2.0, "num_gpus": 2.0}),
+        ("cuda", [0, 3], 4, True, {"num_cpus": 8.0, "num_gpus": 2.0}),
+        ("cuda", "0,1,", None, True, {"num_cpus": 2.0, "num_gpus": 2.0}),
         ("auto", "1", None, True, {"num_cpus": 1.0, "num_gpus": 1.0}),
         ("auto", "auto", 2, False, {"num_cpus": 2.0, "num_gpus": 0.0}),
     ],

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import squared_error_tolerance
 from torch import nn
 
 from lightning_sbp.functional.grad_error import random_subset_gradient_error, subset_gradient_error
@@ -32,24 +33,6 @@ def _explicit_error(grads: torch.Tensor, indices: torch.Tensor, weights: torch.T
     return torch.linalg.vector_norm(subset - mean) / torch.linalg.vector_norm(mean)
 
 
-def _squared_error_tolerance(gram: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, length: int) -> float:
-    """A bound on the rounding error of a squared relative gradient error, from either side of the comparison.
-
-    The squared error is ``‖Σ_i a_i g_i‖² / ‖ḡ‖²`` with ``a = w/k`` on the subset and ``−1/N`` everywhere. The
-    library forms it from ``K`` (entries that are inner products of length ``length``, then sums of up to ``N²``
-    products); the reference from the materialised gradients (sums of ``N`` rows, then a squared norm of length
-    ``length``). Either way each rounding is at most ``eps`` relative to a term bounded by ``|a_i| |a_j| ‖g_i‖ ‖g_j‖``,
-    so both errors are below ``(N² + length) · eps · (Σ_i |a_i| ‖g_i‖)² / ‖ḡ‖²``. Near the full batch the form
-    cancels to 0: this is an absolute floor, whatever the processor's summation order.
-    """
-    n, k = gram.shape[0], indices.shape[0]
-    norms = gram.diagonal().clamp(min=0).sqrt()
-    spread = (weights.abs() * norms[indices]).sum() / k + norms.sum() / n
-    mean_sq = gram.sum() / n**2
-    eps = torch.finfo(gram.dtype).eps
-    return float(2 * (n * n + length) * eps * spread**2 / mean_sq)
-
-
 @pytest.mark.parametrize(
     ("indices", "weights"),
     [
@@ -68,7 +51,7 @@ def test_subset_gradient_error_matches_materialised_gradients(indices: list[int]
     expected = _explicit_error(grads, index_tensor, weight_tensor)
     # Compared squared: the square root of a form that cancels to 0 (the full batch) has an absolute floor near
     # sqrt(eps), while the squares differ by no more than the form's rounding error.
-    tolerance = _squared_error_tolerance(gram, index_tensor, weight_tensor, grads.shape[1])
+    tolerance = squared_error_tolerance(gram, index_tensor, weight_tensor, grads.shape[1])
     assert abs(float(actual) ** 2 - float(expected) ** 2) <= tolerance
 
 

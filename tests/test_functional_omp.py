@@ -1,4 +1,3 @@
-import contextlib
 import itertools
 import math
 from collections.abc import Iterator
@@ -369,58 +368,10 @@ def test_replayed_runner_replays_the_fused_picks() -> None:
         torch.testing.assert_close(coef[finite], expected[1][finite], rtol=1e-4, atol=1e-5)
 
 
-def test_cuda_graph_capture_warms_up_on_a_side_stream_then_captures_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    events: list[str] = []
-
-    class Stream:
-        def __init__(self, device: torch.device) -> None:
-            self.device = device
-
-        def wait_stream(self, other: object) -> None:
-            events.append(f"{getattr(self, 'name', 'side')} waits")
-
-    class Current(Stream):
-        name = "current"
-
-    class Graph:
-        def replay(self) -> None:
-            events.append("replay")
-
-    @contextlib.contextmanager
-    def on_stream(stream: Stream) -> Iterator[None]:
-        events.append("enter side stream")
-        yield
-        events.append("leave side stream")
-
-    @contextlib.contextmanager
-    def capturing(graph: Graph) -> Iterator[None]:
-        assert isinstance(graph, Graph)
-        events.append("begin capture")
-        yield
-        events.append("end capture")
-
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", Current)
-    monkeypatch.setattr(torch.cuda, "stream", on_stream)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(torch.cuda, "graph", capturing)
-    runner = omp_module._ReplayedOMP(12, 4, torch.float32, True, False, torch.device("cpu"))
-    runner(torch.eye(12), torch.ones(12))
-    assert events == [
-        "side waits",
-        "enter side stream",
-        "leave side stream",
-        "current waits",
-        "begin capture",
-        "end capture",
-        "replay",
-    ]
-
-
 def test_cpu_inputs_never_reach_the_graph_path(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object) -> None:
         raise AssertionError("no CUDA graph on the CPU")
 
-    monkeypatch.setattr(omp_module, "_replayed_omp", refuse)
+    monkeypatch.setattr(omp_module._GRAPHS, "get", refuse)
     x, y = _atoms(20, 10, 0)
     omp_gram(x.T @ x, x.T @ y, 5)

@@ -9,7 +9,7 @@ values on the host by design); the first step of each fit is left out as warm-up
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import pytest
@@ -156,3 +156,58 @@ def test_steps_that_do_not_measure_launch_what_untracked_steps_launch(selector: 
     ]
     tracked, untracked = ([kernels for step, kernels in enumerate(run.kernels) if step % STEPS] for run in runs)
     assert tracked == untracked
+
+
+class DeviceResident(torch.Tensor):
+    """A CPU tensor standing for one on an accelerator: it records every read of its values on the host.
+
+    ``.cpu()``, ``.numpy()``, ``.tolist()``, ``.item()``, ``bool()``, ``int()`` and a copy ``.to("cpu")`` are what
+    would copy it from a GPU to the host, a synchronisation that the dispatcher count cannot see on a CPU, where
+    such copies do nothing. Results are plain tensors: the spy watches the batch's own index tensor, not the
+    scores and subsets computed from it (the dispatcher count covers those).
+    """
+
+    reads: ClassVar[list[str]] = []
+    _HOST_READS = frozenset({"cpu", "numpy", "tolist", "item", "__bool__", "__int__", "__float__", "__index__"})
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        to_host = name == "to" and any(
+            isinstance(value, str | torch.device) and torch.device(value).type == "cpu"
+            for value in (*args[1:], *kwargs.values())
+        )
+        if name in cls._HOST_READS or to_host:
+            cls.reads.append(name)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+
+class IndicesOnTheDevice(SmallCNN):
+    """The batch arrives with its example indices on the 'device', as Lightning's transfer leaves them on a GPU."""
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, targets, indices = batch
+        return images, targets, indices.as_subclass(DeviceResident)
+
+
+@pytest.mark.parametrize("selector", ["topk", "omp"])
+@pytest.mark.parametrize("track", [False, True])
+def test_stale_scores_never_copy_example_indices_from_the_device(selector: str, track: bool) -> None:
+    DeviceResident.reads.clear()
+    sbp = SelectiveBackprop(selector, keep=0.5, stale_epochs=1, track_grad_error=track)
+    counter = _fit(IndicesOnTheDevice(), _images(), sbp, epochs=3)
+    assert sbp.score_cache is not None and len(counter.per_step) == 3 * STEPS
+    assert DeviceResident.reads == [], "the indices were read on the host before the batch moved"
+
+
+def test_the_spy_sees_a_copy_of_device_indices_to_the_host() -> None:
+    # Without the host copy taken before the transfer, the cache must read the device indices back: the spy sees it.
+    DeviceResident.reads.clear()
+    indices = torch.tensor([1, 2]).as_subclass(DeviceResident)
+    from lightning_sbp.score_cache import ScoreCache
+
+    cache = ScoreCache(size=4, stale_epochs=1)
+    cache.store(indices, Scores(losses=torch.ones(2)), epoch=0)
+    assert DeviceResident.reads

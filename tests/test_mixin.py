@@ -111,3 +111,66 @@ def test_a_lightning_demo_module_keeps_its_step_behind_the_mixin() -> None:
 def test_a_weighted_selector_still_refuses_a_base_step_that_never_calls_sbp_reduce() -> None:
     with pytest.raises(RuntimeError, match=r"did not reduce its losses with self\.sbp_reduce"):
         trainer(callbacks=[SelectiveBackprop("omp", keep=0.25)]).fit(MixinFirst(), loader(data(), 16))
+
+
+class DictRegression(SelectiveBackpropMixin, pl.LightningModule):
+    """A regression on dict batches whose per-example losses the test can read back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 8), nn.Tanh())
+        self.head = nn.Linear(8, 1)
+        self.losses: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+    def sbp_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        losses = (logits.float().squeeze(1) - targets).square()
+        self.losses.append(losses.detach())
+        return losses
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class StepLosses(pl.Callback):
+    """The logged losses of every step, next to the selection's weights."""
+
+    def __init__(self, sbp: SelectiveBackprop) -> None:
+        self.sbp = sbp
+        self.rows: list[tuple[float, float, Tensor]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        metrics = trainer.callback_metrics
+        assert self.sbp.last_selection is not None
+        weights = self.sbp.last_selection.weights
+        self.rows.append((float(metrics["train/loss"]), float(metrics["train/loss_unweighted"]), weights))
+
+
+@pytest.mark.parametrize(
+    ("selector", "precision"),
+    [("omp", "32-true"), ("gradnorm", "32-true"), ("gradnorm", "bf16-mixed"), ("random", "bf16-mixed")],
+)
+def test_the_step_logs_the_weighted_objective_and_the_plain_mean_loss(selector: str, precision: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 16, generator=generator)
+    rows = [{"x": x[i], "labels": x[i, :4].sum() + 0.1 * torch.randn((), generator=generator)} for i in range(64)]
+    model = DictRegression()
+    sbp = SelectiveBackprop(selector, keep=0.25, track_grad_error=False)
+    record = StepLosses(sbp)
+    fit = trainer(callbacks=[sbp, record], max_epochs=3, log_every_n_steps=1, precision=precision)
+    fit.fit(model, torch.utils.data.DataLoader(rows, batch_size=16))
+    # The scoring pass also computes losses: the subset pass's are the last of each step.
+    subset_losses = [losses for losses in model.losses if losses.shape[0] == 4]
+    assert len(subset_losses) == len(record.rows) == 12
+    differ = 0
+    for (objective, plain, weights), losses in zip(record.rows, subset_losses, strict=True):
+        # The same float32 reductions as the step's, read back through the logger: float32 rounding only.
+        assert plain == pytest.approx(float(losses.mean()), rel=1e-6)
+        assert objective == pytest.approx(float((weights * losses).mean()), rel=1e-6)
+        differ += abs(objective - plain) > 1e-3 * plain
+    if selector == "random":
+        assert differ == 0
+    else:
+        assert differ > 0  # under weighted selectors the two are not the same quantity

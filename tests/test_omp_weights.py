@@ -1,4 +1,4 @@
-"""OMP weights stay finite and within their bound, whatever the coefficients do."""
+"""OMP weights stay finite and within their bound, whatever the coefficients do, and fall back no worse than random."""
 
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import trainer
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sbp import SelectiveBackprop
-from lightning_sbp.functional import omp_gram
+from lightning_sbp.functional import omp_gram, random_subset_gradient_error, subset_gradient_error
 from lightning_sbp.recipes import flip_labels
 from lightning_sbp.recipes.evaluation import ClassifierEvaluation
 from lightning_sbp.selectors import OMPSelector, Scores, Selection
@@ -66,8 +65,9 @@ def assert_bounded(selection: Selection, k: int, max_weight: float) -> None:
     assert float(selection.stats["negative_weight_share"]) == pytest.approx(float((weights < 0).float().mean()))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("eta", [0.0, 1e-3, -1e-3, 1e-2])
-def test_coefficients_that_cancel_fall_back_to_uniform_and_are_counted(eta: float) -> None:
+def test_coefficients_that_cancel_fall_back_to_the_clipped_fit_and_are_counted(eta: float, dtype: str) -> None:
     scores = cancelling_batch(eta)
     gram = scores.gram_in(torch.float64)
     indices, coef = omp_gram(gram, gram.mean(dim=1), 2)
@@ -77,14 +77,19 @@ def test_coefficients_that_cancel_fall_back_to_uniform_and_are_counted(eta: floa
     unguarded = 2 * coef / coef.sum()
     assert not torch.isfinite(unguarded).all() or float(unguarded.abs().max()) > 50
 
-    selector = OMPSelector(weights="normalized")  # the paper's weights
+    selector = OMPSelector(weights="normalized", dtype=dtype)  # type: ignore[arg-type]  # the paper's weights
     selection = selector.select(scores, 2, generator())
     assert_bounded(selection, 2, DEFAULT_MAX_WEIGHT)
-    assert torch.equal(selection.weights, torch.ones(2))  # the documented fallback: uniform, summing to k
-    assert float(selection.stats["weight_fallbacks"]) == 1.0
+    # The fallback: the least-squares weights k * c on the same support (within the bound here), kept
+    # because they match the batch gradient better than a random pair would.
+    assert selection.indices.tolist() == [1, 0]
+    torch.testing.assert_close(selection.weights, 2 * coef.float(), atol=1e-5, rtol=1e-4)
+    fallback_error = subset_gradient_error(gram, selection.indices, selection.weights)
+    assert fallback_error < random_subset_gradient_error(gram, 2)
+    assert float(selection.stats["weight_fallbacks"]) == 1.0 and float(selection.stats["random_fallbacks"]) == 0.0
 
     # The same coefficients as raw weights are small and used as they are.
-    raw = OMPSelector().select(scores, 2, generator())  # the default: raw
+    raw = OMPSelector(dtype=dtype).select(scores, 2, generator())  # type: ignore[arg-type]  # the default: raw
     torch.testing.assert_close(raw.weights, 2 * coef.float(), atol=1e-5, rtol=1e-4)
     assert float(raw.stats["weight_fallbacks"]) == 0.0 and float(raw.stats["negative_weight_share"]) == 0.5
     # Non-negative coefficients cannot cancel.
@@ -93,19 +98,39 @@ def test_coefficients_that_cancel_fall_back_to_uniform_and_are_counted(eta: floa
     assert float(nonneg.weights.sum()) == pytest.approx(2.0)
 
 
-def test_the_fallback_count_accumulates_and_is_checkpointed() -> None:
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_fallback_worse_than_random_takes_a_random_subset_from_the_steps_generator(dtype: str) -> None:
+    # Identical gradients: any subset with unit weights is exact, random's expected error is 0. OMP puts the
+    # whole fit on its first pick (w = k = 16, coefficient 0 for the copies), which breaks the bound; clipped
+    # to 8, it gives half the batch gradient, worse than random.
+    n, k = 64, 16
+    scores = Scores(torch.ones(n), None, torch.tensor([[0.5, -0.5]]).expand(n, 2), torch.ones(n, 3), bias=True)
+    selector = OMPSelector(dtype=dtype)  # type: ignore[arg-type]
+    selection = selector.select(scores, k, generator())
+    assert torch.equal(selection.indices, torch.randperm(n, generator=generator())[:k])
+    assert torch.equal(selection.weights, torch.ones(k))
+    assert float(selection.stats["weight_fallbacks"]) == 1.0 and float(selection.stats["random_fallbacks"]) == 1.0
+    assert float(subset_gradient_error(scores.gram, selection.indices, selection.weights)) == 0.0
+
+
+def test_the_fallback_counts_accumulate_and_are_checkpointed() -> None:
     selector = OMPSelector(weights="normalized")
     safe = binary_scores(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.5]]))
+    identical = Scores(torch.ones(8), None, torch.tensor([[0.5, -0.5]]).expand(8, 2), torch.ones(8, 3), bias=True)
     counts = []
-    for scores in (cancelling_batch(0.0), safe, cancelling_batch(1e-3), cancelling_batch(0.0)):
-        counts.append(float(selector.select(scores, 2, generator()).stats["weight_fallbacks"]))
-    assert counts == [1.0, 1.0, 2.0, 3.0]
-    assert selector.state_dict() == {"weight_fallbacks": 3}
+    for scores in (cancelling_batch(0.0), safe, cancelling_batch(1e-3), identical, cancelling_batch(0.0)):
+        stats = selector.select(scores, 2, generator()).stats
+        counts.append((float(stats["weight_fallbacks"]), float(stats["random_fallbacks"])))
+    # On identical gradients the normalised weights are k c / sum(c) = [2, 0], within the bound: no fallback.
+    assert counts == [(1.0, 0.0), (1.0, 0.0), (2.0, 0.0), (2.0, 0.0), (3.0, 0.0)]
+    assert float(OMPSelector(max_weight=1.5).select(identical, 2, generator()).stats["random_fallbacks"]) == 1.0
+    assert selector.state_dict() == {"weight_fallbacks": 3, "random_fallbacks": 0}
 
     restored = OMPSelector(weights="normalized")
-    restored.load_state_dict(selector.state_dict())
-    assert float(restored.select(cancelling_batch(0.0), 2, generator()).stats["weight_fallbacks"]) == 4.0
-    assert OMPSelector().state_dict() == {"weight_fallbacks": 0}
+    restored.load_state_dict({"weight_fallbacks": 3, "random_fallbacks": 5})
+    stats = restored.select(cancelling_batch(0.0), 2, generator()).stats
+    assert (float(stats["weight_fallbacks"]), float(stats["random_fallbacks"])) == (4.0, 5.0)
+    assert OMPSelector().state_dict() == {"weight_fallbacks": 0, "random_fallbacks": 0}
 
 
 def test_bounded_weights_rules() -> None:
@@ -117,19 +142,20 @@ def test_bounded_weights_rules() -> None:
     weights, fell_back = bounded_weights(coef, k, "raw", 8.0)
     torch.testing.assert_close(weights, k * coef)
     assert not fell_back
-    # One weight above the bound, a non-finite coefficient, a non-positive sum: all fall back to ones.
-    for scheme, bad in [
-        ("normalized", torch.tensor([2.0, -1.0, 0.0, 0.0])),  # w = 8, -4: allowed by 8.0, refused by 7.9
-        ("raw", torch.tensor([2.0, 0.0, 0.0, 0.0])),
-        ("raw", torch.tensor([math.nan, 0.1, 0.1, 0.1])),
-        ("normalized", torch.tensor([math.inf, 0.1, 0.1, 0.1])),
-        ("normalized", torch.tensor([0.2, -0.2, 0.1, -0.1])),
-        ("normalized", torch.tensor([-0.2, 0.1, 0.0, 0.0])),
-        ("normalized", torch.zeros(4)),
+    # One weight above the bound, a non-finite coefficient, a non-positive sum: all fall back to the raw
+    # weights k * c clipped to the bound, a non-finite coefficient counting as 0.
+    for scheme, bad, replacement in [
+        ("normalized", [2.0, -1.0, 0.0, 0.0], [7.9, -4.0, 0.0, 0.0]),  # w = 8, -4: allowed by 8.0, refused by 7.9
+        ("raw", [2.0, 0.0, 0.0, 0.0], [7.9, 0.0, 0.0, 0.0]),
+        ("raw", [math.nan, 0.1, 0.1, 0.1], [0.0, 0.4, 0.4, 0.4]),
+        ("normalized", [math.inf, 0.1, 0.1, 0.1], [0.0, 0.4, 0.4, 0.4]),
+        ("normalized", [0.2, -0.2, 0.1, -0.1], [0.8, -0.8, 0.4, -0.4]),
+        ("normalized", [-0.2, 0.1, 0.0, 0.0], [-0.8, 0.4, 0.0, 0.0]),
+        ("normalized", [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]),
     ]:
-        weights, fell_back = bounded_weights(bad, k, scheme, 7.9)  # type: ignore[arg-type]
+        weights, fell_back = bounded_weights(torch.tensor(bad), k, scheme, 7.9)  # type: ignore[arg-type]
         assert fell_back, (scheme, bad)
-        assert torch.equal(weights, torch.ones(k))
+        torch.testing.assert_close(weights, torch.tensor(replacement))
     weights, fell_back = bounded_weights(torch.tensor([2.0, -1.0, 0.0, 0.0]), k, "normalized", 8.0)
     assert not fell_back and weights.tolist() == [8.0, -4.0, 0.0, 0.0]
     # Uniform never falls back, whatever the coefficients.
@@ -137,11 +163,23 @@ def test_bounded_weights_rules() -> None:
     assert not fell_back and torch.equal(weights, torch.ones(k))
 
 
+def test_a_bound_just_below_a_weight_refuses_it_in_float32() -> None:
+    """7.9999999 is 8.0 once rounded to float32: the bound must still refuse a weight of exactly 8."""
+    coef = torch.tensor([2.0, -1.0, 0.0, 0.0], dtype=torch.float64)  # normalised weights 8, -4, 0, 0
+    weights, fell_back = bounded_weights(coef, 4, "normalized", 7.9999999)
+    assert fell_back
+    assert weights.dtype == torch.float32 and float(weights.abs().max()) <= 7.9999999
+    assert float(weights[0]) == float(torch.nextafter(torch.tensor(8.0), torch.tensor(0.0)))
+    # Exactly at the bound is allowed.
+    assert not bounded_weights(coef, 4, "normalized", 8.0)[1]
+
+
 @pytest.mark.parametrize("options", SCHEMES, ids=lambda options: ",".join(f"{k}={v}" for k, v in options.items()))
 def test_no_weight_above_the_bound_over_many_random_batches(options: dict[str, Any]) -> None:
     g = torch.Generator().manual_seed(1)
     selector = OMPSelector(**options)
     bound = selector.max_weight
+    fallbacks = 0.0
     for batch in range(24):
         n = 32
         # Binary heads, and clusters of nearly identical examples: the cases in which coefficients cancel.
@@ -152,7 +190,9 @@ def test_no_weight_above_the_bound_over_many_random_batches(options: dict[str, A
         for k in (2, 16):
             selection = selector.select(scores, k, generator())
             assert_bounded(selection, k, bound)
-            if selector.weights != "raw":
+            fell_back = float(selection.stats["weight_fallbacks"]) > fallbacks
+            fallbacks = float(selection.stats["weight_fallbacks"])
+            if selector.weights != "raw" and not fell_back:
                 assert float(selection.weights.sum()) == pytest.approx(k, rel=1e-4)
 
 
@@ -266,11 +306,3 @@ def test_default_omp_keeps_up_with_uniform_weights_on_a_noisy_binary_task() -> N
     uniform = [_cancer_accuracy(OMPSelector(weights="uniform"), seed) for seed in seeds]
     assert min(default) > 0.6  # no collapse on any seed
     assert sum(default) / len(seeds) >= sum(uniform) / len(seeds) - 0.04, (default, uniform)
-
-
-def test_cross_entropy_logit_gradients_of_a_binary_head_are_rank_one() -> None:
-    """The premise of the cancelling batches: for two classes, softmax − onehot is a · [1, −1]."""
-    logits = torch.randn(16, 2, requires_grad=True)
-    targets = torch.randint(2, (16,))
-    (grads,) = torch.autograd.grad(F.cross_entropy(logits, targets, reduction="sum"), logits)
-    torch.testing.assert_close(grads[:, 0], -grads[:, 1])

@@ -90,6 +90,28 @@ def test_gather_scores_concatenates_every_ranks_batch_in_rank_order(tmp_path: Pa
         assert torch.nonzero(cache.scored_epochs == 0).flatten().tolist() == sorted(set(indices[real].tolist()))
 
 
+def test_the_gather_sends_only_the_cached_fields_in_their_storage_dtype(tmp_path: Path) -> None:
+    storage = "bfloat16"  # the narrowest: an index's 64 bits travel as four of its elements
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(
+        gather_worker, args=(2, port, str(tmp_path), 6, storage), nprocs=2, join=True, start_method=START_METHOD
+    )
+    batches = [rank_scores(rank) for rank in range(2)]
+    dtype = getattr(torch, storage)
+    indices, gathered = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    real = indices >= 0
+    # Indices above 2**53 come back exactly: they travel as bits, not as floating-point values.
+    expected_indices = torch.cat([batch_indices for batch_indices, _ in batches]) + 2**53 + 1
+    assert torch.equal(indices[real], expected_indices)
+    assert gathered.logits is None and gathered.features is None, "fields the cache does not keep stay home"
+    for name in ("losses", "logit_grads"):
+        value = getattr(gathered, name)
+        assert value.dtype == dtype
+        assert torch.equal(value[real], torch.cat([getattr(scores, name).to(dtype) for _, scores in batches]))
+
+
 def test_loss_scores_of_a_million_examples_take_four_bytes_each_plus_the_epoch_stamp() -> None:
     from lightning_sbp.score_cache import fields_read_by
     from lightning_sbp.selectors import get_selector

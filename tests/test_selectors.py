@@ -514,5 +514,5 @@ def test_repr_shows_the_arguments() -> None:
     assert repr(LossSelector(history=8, beta=2.0)) == "LossSelector(history=8, beta=2.0)"
     assert repr(OMPSelector(weights="raw", ridge=0.5, fused=True)) == (
         "OMPSelector(weights='raw', nonnegative=False, dtype='float32', ridge=0.5, max_weight=8.0, sketch_dim=None, "
-        "fused=True)"
+        "fused=True, cuda_graph=True)"
     )

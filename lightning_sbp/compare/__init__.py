@@ -5,6 +5,7 @@ fractions, label-noise levels, seeds and learning rates, one real Lightning fit 
 summary table (Markdown and CSV) and plots. Modules: :mod:`~lightning_sbp.compare.grid` (the grid
 and its runs), :mod:`~lightning_sbp.compare.runner` (the fits and their records),
 :mod:`~lightning_sbp.compare.launchers` (where the fits run: in process or on Ray),
+:mod:`~lightning_sbp.compare.processes` (fits on several devices, in a command of their own),
 :mod:`~lightning_sbp.compare.report` (the table), :mod:`~lightning_sbp.compare.plots` (the PNGs)
 and :mod:`~lightning_sbp.compare.command` (the command line).
 """

@@ -89,6 +89,8 @@ Launchers: --launcher in-process (default) trains one run after another in this 
 new local one (needs pip install 'lightning-sbp[cluster]'). For any other scheduler (SLURM
 arrays, Kubernetes jobs): --list-cells numbers the runs, --cell I trains run I alone, and --report
 writes the summary of whatever has finished. On a cluster --output must be a shared filesystem.
+A run on several devices (--set trainer.devices=4 --set trainer.strategy=ddp) trains in a command
+of its own, whose rank zero writes the record; a failing rank fails the run, not the grid.
 
 Exit status: 0 when every run finished, 1 when some failed (see runs/<run_id>/error.txt) or, for
 --report, have no record yet, 2 for bad input (nothing is trained), 130 when interrupted.
@@ -439,6 +441,12 @@ def _summary_document(
         lines.append(
             f"1-minute load average during the runs: {min(loads):.1f} to {max(loads):.1f} "
             f"({'/'.join(map(str, sorted(cpus))) or '?'} CPUs); times are comparable only under a steady load."
+        )
+    sizes = sorted({int(record["world_size"]) for record in records if record.get("world_size")})
+    if sizes and sizes != [1]:
+        lines.append(
+            f"Each run trained on {'/'.join(map(str, sizes))} devices: train time is the slowest rank's, "
+            "examples are counted over all ranks."
         )
     lines += ["", table, _legend(grid, tuned), ""]
     measured = measurement_sentence(grid, records)

@@ -142,8 +142,9 @@ def cell_resources(base: BaseInfo, threads: int | None, cluster_has_gpus: bool) 
     """The Ray resources one cell asks for: the GPUs of ``trainer.devices`` and a CPU per thread and device.
 
     A run uses GPUs when ``trainer.accelerator`` is ``gpu`` or ``cuda``, or ``auto`` on a cluster
-    with GPUs; it then needs ``trainer.devices`` as a count (or a list) of GPUs. Otherwise it uses
-    ``threads`` CPUs (1 when the grid does not set them) for each of its CPU devices.
+    with GPUs; it then needs ``trainer.devices`` as a count (or a list) of GPUs. Each of its
+    devices is a process (a rank, when there are several) with ``threads`` CPUs (1 when the grid
+    does not set them). The task holds them all, and the fit starts its ranks inside it.
 
     Raises:
         GridError: for a GPU run whose ``trainer.devices`` is not a count.
@@ -157,7 +158,7 @@ def cell_resources(base: BaseInfo, threads: int | None, cluster_has_gpus: bool) 
                 f"--launcher ray needs trainer.devices as a number of GPUs per run, got {base.devices!r}; "
                 "set it in the base configuration or with --set trainer.devices=1"
             )
-        return {"num_cpus": cpus, "num_gpus": float(devices)}
+        return {"num_cpus": cpus * devices, "num_gpus": float(devices)}
     return {"num_cpus": cpus * (devices or 1), "num_gpus": 0.0}
 
 

@@ -11,6 +11,11 @@ Lightning's progress bar off. A record is written when a fit ends; a run whose r
 ``finished`` is not trained again. Records are written atomically (a temporary file, then a
 rename), so processes that train different cells can share one output directory.
 
+A run whose trainer starts processes (DDP on several devices) trains in a command of its own
+(:mod:`lightning_sbp.compare.processes`): its rank zero writes the record, which holds the world
+size, the slowest rank's training time and the examples of every rank; when a rank fails, the
+process that started the command records the failure.
+
 Layout of the output directory::
 
     compare.json                 fingerprint of the base configuration, overrides and keys
@@ -19,6 +24,7 @@ Layout of the output directory::
     runs/<run_id>/record.json    the run's record
     runs/<run_id>/logs/<method>/ the run's step-level CSV log
     runs/<run_id>/error.txt      the traceback of a failed run
+    runs/<run_id>/output.log     what the processes of a run on several devices printed
     summary.md, summary.csv      the summary (see lightning_sbp.compare.report)
     plots/*.png                  the plots (see lightning_sbp.compare.plots)
 """
@@ -53,6 +59,7 @@ import lightning_sbp
 from lightning_sbp.callback import SelectiveBackprop
 from lightning_sbp.cli import SelectiveBackpropCLI, unknown_argument_summary, wrong_type_summary
 from lightning_sbp.compare.grid import FULL, SMALL_BATCH, Grid, GridError, Run, override_args
+from lightning_sbp.compare.processes import ProcessJob, run_in_processes, starts_processes
 from lightning_sbp.compare.squared_ratio import RatioSums, SquaredRatioLog
 from lightning_sbp.functional.batch import batch_size
 from lightning_sbp.tool_cli import ToolCLI
@@ -84,7 +91,12 @@ __all__ = [
 RECORD_VERSION = 1
 """Version of the layout of ``record.json`` and ``compare.json``."""
 
-_QUIET_WARNINGS = (".*does not have many workers.*", ".*The number of training batches.*", ".*LeafSpec.*")
+_QUIET_WARNINGS = (
+    ".*does not have many workers.*",
+    ".*The number of training batches.*",
+    ".*LeafSpec.*",
+    ".*functional.all_gather is deprecated.*",  # Lightning's all_gather, on recent torch
+)
 _LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
 
 
@@ -126,7 +138,7 @@ def inspect_base(grid: Grid) -> BaseInfo:
         GridError: if the configuration does not parse or has no integer batch size at the grid's
             ``batch_size`` key.
     """
-    with _quiet():
+    with _quiet(), _command_line_hidden():
         try:
             cli = _ParseOnlyCLI(args=base_args(grid), run=False, parser_kwargs={"exit_on_error": False})
         except (ArgumentError, ValueError, TypeError) as err:
@@ -244,12 +256,14 @@ class RunRecorder(Callback):
     """Collects what a comparison reports about a fit: validation values, gradient errors, time and examples.
 
     Validation: at the end of every validation (not the sanity check), the value of ``metric`` with
-    the training time, optimiser step and examples backpropagated so far. Training time excludes
-    the time spent validating and the time the :class:`~lightning_sbp.SelectiveBackprop` callback
-    spent measuring gradient errors (its ``measurement_seconds``), which only the comparison needs.
-    Gradient errors: at the end of every training epoch, the epoch means the callback logged and the
-    mean squared ratio to random (:mod:`~lightning_sbp.compare.squared_ratio`), for epochs that had
-    selective steps.
+    the training time, optimiser step and examples backpropagated so far. Training time starts
+    with the fit loop (starting processes and setting up data and model are not training) and
+    excludes the time spent validating and the time the :class:`~lightning_sbp.SelectiveBackprop`
+    callback spent measuring gradient errors (its ``measurement_seconds``), which only the comparison
+    needs. Gradient errors: at the end of every training epoch, the epoch means the callback logged
+    and the mean squared ratio to random (:mod:`~lightning_sbp.compare.squared_ratio`), for epochs
+    that had selective steps. On several devices, times are the slowest rank's and examples the sum
+    over ranks, gathered from every rank at each validation and at the end of the fit.
 
     Args:
         metric: the validation metric to record.
@@ -262,6 +276,9 @@ class RunRecorder(Callback):
         self.examples_seen = 0
         self.batches_per_epoch: int | None = None
         self.validation_seconds = 0.0
+        self.rank_train_seconds: list[float] = []
+        self.rank_measurement_seconds: list[float] = []
+        self.rank_examples: list[tuple[int, int]] = []
         self._started = time.perf_counter()
         self._validation_started: float | None = None
         self._selective_at_epoch_start = 0
@@ -287,7 +304,8 @@ class RunRecorder(Callback):
         return self._sbp.measurement_seconds if self._sbp is not None else 0.0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Find the run's SelectiveBackprop callback, if any, and sum its squared ratios from now on."""
+        """Start the clock; find the run's SelectiveBackprop callback, if any, and sum its squared ratios."""
+        self._started = time.perf_counter()  # ddp_spawn would otherwise charge starting its processes to training
         self._sbp = next((cb for cb in trainer.callbacks if isinstance(cb, SelectiveBackprop)), None)  # type: ignore[attr-defined]
         if self._sbp is not None:
             self._ratios = SquaredRatioLog.following(self._sbp.step_log)
@@ -336,15 +354,32 @@ class RunRecorder(Callback):
         self._validation_started = None
         if trainer.sanity_checking:
             return
+        slowest, examples = _each_rank(pl_module, [train_seconds, self.examples_backpropagated()])
         self.validations.append(
             {
                 "epoch": trainer.current_epoch,
                 "step": trainer.global_step,
-                "train_seconds": train_seconds,
-                "examples_backpropagated": self.examples_backpropagated(),
+                "train_seconds": max(slowest),
+                "examples_backpropagated": int(sum(examples)),
                 "value": _float(trainer.callback_metrics.get(self.metric)),
             }
         )
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Gather every rank's training time, measurement time and examples."""
+        measured = self.measurement_seconds()
+        seconds, measurements, seen, backpropagated = _each_rank(
+            pl_module,
+            [
+                self.elapsed() - self.validation_seconds - measured,
+                measured,
+                self.examples_seen,
+                self.examples_backpropagated(),
+            ],
+        )
+        self.rank_train_seconds = seconds
+        self.rank_measurement_seconds = measurements
+        self.rank_examples = [(int(a), int(b)) for a, b in zip(seen, backpropagated, strict=True)]
 
 
 class EqualStepBudget(Callback):
@@ -354,7 +389,8 @@ class EqualStepBudget(Callback):
     base ``limit_train_batches``); a ``small-batch`` run trains on batches of ``k`` and stops each
     epoch after the same number of batches, so it takes the same optimiser steps under the same
     learning-rate schedule and backpropagates the same number of examples. Set in ``setup``,
-    before Lightning sizes the epoch and the schedule.
+    before Lightning sizes the epoch and the schedule. On several devices the count is per rank:
+    the distributed sampler gives each rank ``ceil(n / ranks)`` examples.
 
     Args:
         reference_batch_size: the batch size ``N`` of the selective runs.
@@ -376,6 +412,7 @@ class EqualStepBudget(Callback):
             raise ValueError(
                 "small-batch needs a training set of known length to match the selective runs' steps per epoch"
             ) from None
+        examples = math.ceil(examples / trainer.world_size)
         size = self.reference_batch_size
         full = examples // size if getattr(loader, "drop_last", False) else math.ceil(examples / size)
         limit = trainer.limit_train_batches
@@ -388,17 +425,47 @@ class EqualStepBudget(Callback):
 
 
 def fit_run(run: Run, grid: Grid, base: BaseInfo, run_dir: Path) -> dict[str, Any]:
-    """Train one run and return its record (not yet written).
+    """Train one run and return its record.
 
     Failures of the fit are recorded (``status: failed`` and the error) rather than raised, so a
-    grid goes on with its other runs; ``KeyboardInterrupt`` stops it.
+    grid goes on with its other runs; ``KeyboardInterrupt`` stops it. A run whose trainer starts
+    processes trains in a command of its own, whose rank zero writes ``record.json`` itself; the
+    record of any other run is left for the caller to write.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
+    record = _new_record(run, grid, base)
+    started = time.perf_counter()
+    try:
+        with _quiet():
+            cli = _build_cli(_fit_args(run, grid, run_dir))
+            record["world_size"] = cli.trainer.world_size
+            (run_dir / "config.yaml").write_text(cli.parser.dump(cli.config))
+            if starts_processes(cli.trainer):
+                del cli
+                return _fit_in_own_processes(run, grid, base, run_dir, record)
+            _fit(cli, run, grid, base, run_dir, record, write=False)
+            interrupted = cli.trainer.interrupted
+        if interrupted:
+            raise KeyboardInterrupt
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:
+        record["status"] = "failed"
+        record["error"] = f"{type(err).__name__}: {_message(err)}"
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+        record.setdefault("fit_seconds", time.perf_counter() - started)
+    finally:
+        gc.collect()
+    return record
+
+
+def _fit_args(run: Run, grid: Grid, run_dir: Path) -> list[str]:
+    """The LightningCLI arguments of ``run``: its configuration, logging to CSV in ``run_dir``, no progress bar."""
     logger = {
         "class_path": "lightning.pytorch.loggers.CSVLogger",
         "init_args": {"save_dir": str(run_dir / "logs"), "name": run.method, "version": ""},
     }
-    args = [
+    return [
         *base_args(grid),
         *run.args,
         "--trainer.enable_progress_bar=false",
@@ -406,45 +473,96 @@ def fit_run(run: Run, grid: Grid, base: BaseInfo, run_dir: Path) -> dict[str, An
         f"--trainer.default_root_dir={run_dir}",
         f"--trainer.logger={json.dumps(logger)}",
     ]
+
+
+def _fit(
+    cli: SelectiveBackpropCLI, run: Run, grid: Grid, base: BaseInfo, run_dir: Path, record: dict[str, Any], write: bool
+) -> None:
+    """Fit ``cli``'s model with the comparison's callbacks; ``record`` is complete when the fit ends."""
     recorder = RunRecorder(grid.metric)
     budget = EqualStepBudget(base.batch_size) if run.method == SMALL_BATCH else None
-    record = _new_record(run, grid, base)
+    finish = _FinishRecord(record, recorder, budget, grid, run_dir, cli, write)
+    trainer = cli.trainer
+    trainer.callbacks.extend(callback for callback in (recorder, budget, finish) if callback is not None)  # type: ignore[attr-defined]
+    recorder.start()
+    trainer.fit(cli.model, datamodule=cli.datamodule)
+
+
+def _fit_ranks(run: Run, grid: Grid, base: BaseInfo, run_dir: Path, record: dict[str, Any]) -> None:
+    """What every process of a run on several devices runs (see :mod:`lightning_sbp.compare.ranks`)."""
+    with _quiet():
+        _fit(_build_cli(_fit_args(run, grid, run_dir)), run, grid, base, run_dir, record, write=True)
+
+
+def _fit_in_own_processes(
+    run: Run, grid: Grid, base: BaseInfo, run_dir: Path, record: dict[str, Any]
+) -> dict[str, Any]:
+    """Train ``run`` in a command of its own: its record as rank zero wrote it, or failed as its first failed rank."""
     started = time.perf_counter()
-    try:
-        with _quiet():
-            cli = _build_cli(args)
-            (run_dir / "config.yaml").write_text(cli.parser.dump(cli.config))
-            trainer = cli.trainer
-            trainer.callbacks.append(recorder)  # type: ignore[attr-defined]
-            if budget is not None:
-                trainer.callbacks.append(budget)  # type: ignore[attr-defined]
-            recorder.start()
-            trainer.fit(cli.model, datamodule=cli.datamodule)
-            fit_seconds = recorder.elapsed()
-            record["load_average"].append(_load_average())
-            if budget is not None:
-                cli.config["trainer.limit_train_batches"] = budget.batches_per_epoch
-                (run_dir / "config.yaml").write_text(cli.parser.dump(cli.config))
-            optimizer_steps = trainer.global_step
-            interrupted = trainer.interrupted
-        record.update(_summarise(recorder, grid.mode, fit_seconds, optimizer_steps))
-        if interrupted:
-            raise KeyboardInterrupt
+    job = ProcessJob(_fit_ranks, (run, grid, base, run_dir, record))
+    failure = run_in_processes(job, run_dir / "output.log", grid.threads, record["world_size"])
+    written = load_record(run_dir / "record.json")
+    if written is not None:
+        return written
+    if failure is None:
+        record["error"] = f"the fit ended without a record; see {run_dir / 'output.log'}"
+        details = ""
+    else:
+        record["error"], details = failure.error, failure.details
+    _write_text(run_dir / "error.txt", details)
+    record["fit_seconds"] = time.perf_counter() - started
+    return record
+
+
+class _FinishRecord(Callback):
+    """Complete a run's record when its fit ends; on rank zero, save what the run leaves on disk.
+
+    Runs after the run's :class:`RunRecorder` (it comes later in the trainer's callbacks), whose
+    numbers it reads once they are gathered from every rank. On global rank zero it writes the
+    ``small-batch`` run's epoch length into ``config.yaml``, refuses a run whose metric was never
+    logged, and, with ``write``, writes ``record.json``: the process that started the ranks of a run
+    on several devices sees none of their callbacks.
+    """
+
+    def __init__(
+        self,
+        record: dict[str, Any],
+        recorder: RunRecorder,
+        budget: EqualStepBudget | None,
+        grid: Grid,
+        run_dir: Path,
+        cli: SelectiveBackpropCLI,
+        write: bool,
+    ) -> None:
+        self.record = record
+        self.recorder = recorder
+        self.budget = budget
+        self.mode = grid.mode
+        self.metric = grid.metric
+        self.run_dir = run_dir
+        self.parser = cli.parser
+        self.config = cli.config
+        self.write = write
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Summarise the fit into the record; on rank zero, check it and save it."""
+        record = self.record
+        record.update(_summarise(self.recorder, self.mode, self.recorder.elapsed(), trainer.global_step))
+        record["threads"] = torch.get_num_threads()
+        if not trainer.is_global_zero:
+            return
+        record["load_average"].append(_load_average())
+        if self.budget is not None:
+            self.config["trainer.limit_train_batches"] = self.budget.batches_per_epoch
+            (self.run_dir / "config.yaml").write_text(self.parser.dump(self.config))
         if not record["validation"] or all(entry["value"] is None for entry in record["validation"]):
             raise ValueError(
-                f"the metric {grid.metric!r} was never logged at a validation end; "
+                f"the metric {self.metric!r} was never logged at a validation end; "
                 "set `metric:` in the grid file to a key the model logs during validation"
             )
         record["status"] = "finished"
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as err:
-        record["error"] = f"{type(err).__name__}: {_message(err)}"
-        (run_dir / "error.txt").write_text(traceback.format_exc())
-        record.setdefault("fit_seconds", time.perf_counter() - started)
-    finally:
-        gc.collect()
-    return record
+        if self.write:
+            _write_json(self.run_dir / "record.json", record)
 
 
 def _new_record(run: Run, grid: Grid, base: BaseInfo) -> dict[str, Any]:
@@ -458,6 +576,7 @@ def _new_record(run: Run, grid: Grid, base: BaseInfo) -> dict[str, Any]:
         "mode": grid.mode,
         "status": "failed",
         "error": None,
+        "world_size": None,
         "started": _now(),
         "host": platform.node(),
         "threads": torch.get_num_threads(),
@@ -504,7 +623,8 @@ def warm_up(run: Run, grid: Grid) -> None:
         ]
         try:
             cli = _build_cli(args)
-            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            if not starts_processes(cli.trainer):  # those runs train in processes of their own, each cold alike
+                cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         except Exception:  # the real run records what went wrong
             pass
         finally:
@@ -524,7 +644,7 @@ def run_cell(run: Run, grid: Grid, base: BaseInfo, fit: Fit = fit_run, warmup: b
 
     Sets the grid's thread count, warms the process up once (on this cell) unless ``warmup`` is
     false, removes what an interrupted or failed attempt left, trains, and writes
-    ``runs/<run_id>/record.json`` atomically.
+    ``runs/<run_id>/record.json`` atomically, unless rank zero of a run on several devices did.
 
     Returns:
         The record, ``finished`` or ``failed``.
@@ -537,7 +657,8 @@ def run_cell(run: Run, grid: Grid, base: BaseInfo, fit: Fit = fit_run, warmup: b
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an interrupted or failed attempt starts over
     record = fit(run, grid, base, run_dir)
-    _write_json(run_dir / "record.json", record)
+    if not (run_dir / "record.json").is_file():  # rank zero of a run on several devices wrote it
+        _write_json(run_dir / "record.json", record)
     return record
 
 
@@ -664,7 +785,8 @@ def _scratch_args(directory: str) -> list[str]:
 
 
 def _build_cli(args: list[str]) -> SelectiveBackpropCLI:
-    return ToolCLI(args=args, run=False, save_config_callback=None, parser_kwargs={"exit_on_error": False})
+    with _command_line_hidden():
+        return ToolCLI(args=args, run=False, save_config_callback=None, parser_kwargs={"exit_on_error": False})
 
 
 class _NoBar:
@@ -696,11 +818,23 @@ def _progress(total: int, enabled: bool) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Lightning's info messages off, known harmless warnings off, and ``sys.argv`` out of LightningCLI's sight."""
-    levels = {name: logging.getLogger(name).level for name in _LIGHTNING_LOGGERS}
+def _command_line_hidden() -> Iterator[None]:
+    """``sys.argv`` out of LightningCLI's sight: it warns when it gets both ``args`` and command-line arguments.
+
+    Only while a CLI is built: Lightning starts the ranks of a ``ddp`` fit from ``sys.argv``.
+    """
     argv = sys.argv
-    sys.argv = argv[:1]  # LightningCLI warns when it gets both `args` and command-line arguments
+    sys.argv = argv[:1]
+    try:
+        yield
+    finally:
+        sys.argv = argv
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Lightning's info messages off, and known harmless warnings off."""
+    levels = {name: logging.getLogger(name).level for name in _LIGHTNING_LOGGERS}
     try:
         for name in _LIGHTNING_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -709,7 +843,6 @@ def _quiet() -> Iterator[None]:
                 warnings.filterwarnings("ignore", message=pattern)
             yield
     finally:
-        sys.argv = argv
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
 
@@ -722,7 +855,8 @@ def _summarise(recorder: RunRecorder, mode: str, fit_seconds: float, optimizer_s
         weighted = [(e[name], e["selective_steps"]) for e in recorder.epochs if e[name] is not None]
         total = sum(steps for _, steps in weighted)
         means[name] = sum(value * steps for value, steps in weighted) / total if total else None
-    measurement = recorder.measurement_seconds()
+    # The run's time is its slowest rank's, and so is the measurement time reported beside it.
+    slowest = max(range(len(recorder.rank_train_seconds)), key=recorder.rank_train_seconds.__getitem__)
     return {
         "validation": recorder.validations,
         "epochs": recorder.epochs,
@@ -735,13 +869,26 @@ def _summarise(recorder: RunRecorder, mode: str, fit_seconds: float, optimizer_s
         "selective_steps": selective,
         "fit_seconds": fit_seconds,
         "validation_seconds": recorder.validation_seconds,
-        "measurement_seconds": measurement,
-        "train_seconds": fit_seconds - recorder.validation_seconds - measurement,
-        "examples_seen": recorder.examples_seen,
-        "examples_backpropagated": recorder.examples_backpropagated(),
+        "measurement_seconds": recorder.rank_measurement_seconds[slowest],
+        "train_seconds": recorder.rank_train_seconds[slowest],
+        "rank_train_seconds": recorder.rank_train_seconds,
+        "examples_seen": sum(seen for seen, _ in recorder.rank_examples),
+        "examples_backpropagated": sum(backpropagated for _, backpropagated in recorder.rank_examples),
         "optimizer_steps": optimizer_steps,
         "batches_per_epoch": recorder.batches_per_epoch,
     }
+
+
+def _each_rank(pl_module: pl.LightningModule, values: Sequence[float]) -> list[list[float]]:
+    """Each of ``values`` as it is on every rank, in rank order.
+
+    A collective when the fit has several ranks: every rank must call it at the same point.
+    """
+    if pl_module.trainer.world_size == 1:
+        return [[float(value)] for value in values]
+    gathered = pl_module.all_gather(torch.tensor(values, dtype=torch.float64))
+    assert isinstance(gathered, torch.Tensor)  # [ranks, values]
+    return gathered.T.cpu().tolist()
 
 
 def one_line(record: dict[str, Any]) -> str:

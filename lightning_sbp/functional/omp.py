@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from lightning_sbp.functional._inputs import outside_autocast
+from lightning_sbp.functional.graphs import Capture, GraphCache, autocast_state, capture_cuda_graph
 
 __all__ = ["omp_gram"]
 
@@ -29,14 +30,15 @@ _ALIGN = 8
 # Elements per piece when copying a matrix: below the size at which PyTorch's CPU kernels start a
 # parallel region, whose wait for every thread of the pool costs milliseconds on a busy machine.
 _COPY_CHUNK = 16384
-# CUDA graphs kept at once, one per (N, k, dtype, nonnegative, device): the batch size and the last,
-# shorter batch of an epoch, for a selector or two.
+# CUDA graphs kept at once, one per (N, k, dtype, options, device): the batch size and the last, shorter
+# batch of an epoch, for a selector or two.
 _CACHED_GRAPHS = 8
+_GRAPHS: GraphCache[_ReplayedOMP] = GraphCache(size=_CACHED_GRAPHS)
 
 
 @outside_autocast
 def omp_gram(
-    gram: Tensor, target: Tensor, k: int, nonnegative: bool = False, fused: bool = False
+    gram: Tensor, target: Tensor, k: int, nonnegative: bool = False, fused: bool = False, cuda_graph: bool = True
 ) -> tuple[Tensor, Tensor]:
     """Orthogonal matching pursuit on a Gram matrix.
 
@@ -53,12 +55,15 @@ def omp_gram(
     residual correlation is ``r = target - W @ z``, updated by one matrix-vector product per step. The
     coefficients ``L^-T @ z`` are formed by one triangular solve after the last step. Everything stays
     on the device of ``gram``; the loop runs over the ``k`` picks, never over examples, and never
-    synchronises with the host. The cost is ``O(N k^2)`` time and ``O(N^2 + N k)`` memory: the loop
+    synchronises with the host. Autocast is off inside: under a mixed-precision training step the loop
+    still runs in the dtype of its inputs. The cost is ``O(N k^2)`` time and ``O(N^2 + N k)`` memory: the loop
     works on a copy of ``gram`` (padded to a multiple of 8 rows and columns) stacked with ``W``. Every
     pick runs the same fixed sequence of about a dozen kernels on tensors of fixed shapes, so on a CUDA
-    device the whole function is captured once per ``(N, k, dtype, nonnegative, fused)`` as a CUDA
-    graph and replayed: one launch per call instead of one per kernel. With ``fused=True`` each pick
-    is one compiled function whose operators fuse into a few kernels.
+    device the whole function is captured as a CUDA graph and replayed: one launch per call instead of
+    one per kernel. A graph is captured per ``(N, k, dtype, nonnegative, fused, device)`` after two eager
+    calls, on a side stream in thread-local mode; a capture that fails leaves that problem size eager,
+    after one warning (see ``lightning_sbp.functional.graphs``). With ``fused=True`` each pick is one
+    compiled function whose operators fuse into a few kernels.
 
     Degenerate problems (duplicated examples, all-zero gradients, atoms linearly dependent on the
     support) never stop the search early, unlike scikit-learn's:
@@ -99,6 +104,7 @@ def omp_gram(
             loop is two to four times faster. Needs what ``torch.compile`` needs: Triton on a GPU, a
             C++ compiler on the CPU. Under a ``TorchDispatchMode`` (a FLOP counter, say), which
             ``torch.compile`` does not support, the eager loop runs instead.
+        cuda_graph: on a CUDA device, replay the loop as a CUDA graph; ``False`` launches every kernel.
 
     Returns:
         ``(indices, coef)``: ``indices`` a ``long`` tensor ``[k]`` of distinct atom indices in the order
@@ -125,32 +131,17 @@ def omp_gram(
     dtype = torch.promote_types(torch.promote_types(gram.dtype, target.dtype), torch.float32)
     # The loop is a dozen tiny operations per pick; inference mode spares each its autograd bookkeeping.
     with torch.inference_mode():
-        if gram.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-            indices, coef = _replayed_omp(n, k, dtype, nonnegative, fused, gram.device)(gram, target)
+        runner = None
+        if cuda_graph and gram.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            device = gram.device
+            key = (n, k, dtype, nonnegative, fused, device, autocast_state(device))
+            runner = _GRAPHS.get(key, lambda capture: _ReplayedOMP(n, k, dtype, nonnegative, fused, device, capture))
+        if runner is not None:
+            indices, coef = runner(gram, target)
         else:
             indices, coef = _omp_gram(gram.to(dtype), target.to(dtype), k, nonnegative, fused)
     # Plain tensors, not inference tensors (nor a graph's static outputs), so that callers may keep them.
     return indices.clone(), coef.clone()
-
-
-def _capture_cuda_graph(run: Callable[[], None], device: torch.device) -> Callable[[], None]:
-    """Capture ``run``, which reads and writes only tensors allocated before it, as a CUDA graph.
-
-    ``run`` runs once on a side stream first, so that library handles, workspaces and allocator blocks
-    exist before the capture (which may not create them), then once under capture.
-
-    Returns:
-        The graph's ``replay``: launches every captured kernel again, on the same memory.
-    """
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    return graph.replay
 
 
 class _ReplayedOMP:
@@ -166,7 +157,7 @@ class _ReplayedOMP:
         nonnegative: the non-negative variant.
         fused: the compiled per-pick function instead of one operator at a time.
         device: the device of the buffers.
-        capture: turns a function of the buffers into its replay; :func:`_capture_cuda_graph` by default.
+        capture: turns a function of the buffers into its replay (see ``lightning_sbp.functional.graphs``).
     """
 
     def __init__(
@@ -177,7 +168,7 @@ class _ReplayedOMP:
         nonnegative: bool,
         fused: bool,
         device: torch.device,
-        capture: Callable[[Callable[[], None], torch.device], Callable[[], None]] = _capture_cuda_graph,
+        capture: Capture = capture_cuda_graph,
     ) -> None:
         self.k, self.nonnegative, self.fused = k, nonnegative, fused
         # Zeros take the same path as any input: the loop has no data-dependent control flow.
@@ -197,13 +188,6 @@ class _ReplayedOMP:
         self.target.copy_(target)
         self.replay()
         return self.indices, self.coef
-
-
-@functools.lru_cache(maxsize=_CACHED_GRAPHS)
-def _replayed_omp(
-    n: int, k: int, dtype: torch.dtype, nonnegative: bool, fused: bool, device: torch.device
-) -> _ReplayedOMP:
-    return _ReplayedOMP(n, k, dtype, nonnegative, fused, device)
 
 
 def _omp_gram(gram: Tensor, target: Tensor, k: int, nonnegative: bool, fused: bool) -> tuple[Tensor, Tensor]:

@@ -18,9 +18,9 @@ class ImageClassifier(ClassifierEvaluation):
     """A backbone from :mod:`lightning_sbp.recipes.backbones` trained with SGD and momentum.
 
     Training uses the mixin's step (per-example cross-entropy, reduced with the selection
-    weights, logged as ``train/loss``). Validation and test log ``val/loss``, ``val/acc``,
-    ``test/loss`` and ``test/acc`` (top-1 accuracy over all examples) once per epoch. Batches are
-    ``(images, targets)`` or ``(images, targets, indices)``.
+    weights, logged as ``train/loss`` next to the plain mean ``train/loss_unweighted``). Validation
+    and test log ``val/loss``, ``val/acc``, ``test/loss`` and ``test/acc`` (top-1 accuracy over all
+    examples) once per epoch. Batches are ``(images, targets)`` or ``(images, targets, indices)``.
 
     Args:
         backbone: name of the network: ``resnet18``, ``wrn16_8``, ``wrn28_10``, ``digits_cnn`` or ``mlp``.

@@ -65,7 +65,8 @@ class TextClassifier(ClassifierEvaluation):
 
     Batches are dicts with ``input_ids``, ``attention_mask`` (and any other model inputs), ``labels``
     and optionally ``index``, as :class:`~lightning_sbp.recipes.TextClassificationDataModule` makes
-    them. Logs ``train/loss``, ``val/loss``, ``val/acc``, ``test/loss`` and ``test/acc``.
+    them. Logs ``train/loss`` (the weighted objective), ``train/loss_unweighted``, ``val/loss``, ``val/acc``,
+    ``test/loss`` and ``test/acc``.
 
     Args:
         model_name_or_path: hub name or local path of a pretrained model; ignored when ``config`` is given.

@@ -31,8 +31,9 @@ class TokenLevelModule(ClassifierEvaluation):
     inputs), ``labels`` (``[N, T]``, ``-100`` where there is no loss) and optionally ``index``.
 
     The per-example loss of the scoring pass is
-    :func:`~lightning_sbp.functional.per_example_cross_entropy`. Logs ``train/loss``, ``val/loss`` and
-    ``val/acc`` (token accuracy over the counted positions), and the same under ``test/``.
+    :func:`~lightning_sbp.functional.per_example_cross_entropy`. Logs ``train/loss`` (the weighted
+    objective), ``train/loss_unweighted``, ``val/loss`` and ``val/acc`` (token accuracy over the
+    counted positions), and the same under ``test/``.
 
     Args:
         model_name_or_path: hub name or local path of a pretrained model; ignored when ``config`` is given.
