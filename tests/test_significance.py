@@ -26,6 +26,12 @@ stats = pytest.importorskip("scipy.stats")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _grid(methods: list[str], **values: Any) -> Grid:
+    """A grid of ``methods`` at keep 0.5 on the digits base (only its settings are read, nothing trains)."""
+    base = str(ROOT / "examples" / "configs" / "digits_full.yaml")
+    return Grid.from_values({"base": base, "output": "unused", "methods": methods, "keep": [0.5], **values})
+
+
 @pytest.mark.parametrize("df", [1, 2, 3, 4, 5, 8, 13, 30])
 @pytest.mark.parametrize("probability", [0.6, 0.9, 0.975, 0.995, 0.025])
 def test_t_quantile_matches_scipy(df: int, probability: float) -> None:
@@ -136,16 +142,7 @@ def synthetic() -> tuple[Grid, list[Any], list[dict[str, Any]]]:
         records.append(_record("random", seed, base, 6.0 + seed + noise[seed]))
         records.append(_record("topk", seed, base - 0.08 + noise[seed] / 4, 6.1 + seed))
         records.append(_record("omp", seed, base + noise[seed], 9.0 + seed + noise[seed] * 100))
-    grid = Grid.from_values(
-        {
-            "base": str(ROOT / "examples" / "configs" / "digits_full.yaml"),
-            "output": "unused",
-            "methods": ["full", "random", "topk", "omp"],
-            "keep": [0.5],
-            "label_noise": [0.0],
-            "seeds": list(seeds),
-        }
-    )
+    grid = _grid(["full", "random", "topk", "omp"], label_noise=[0.0], seeds=list(seeds))
     rows = select_best_lr(summarise(records, grid), grid.mode)
     return grid, rows, records
 
@@ -205,15 +202,7 @@ def test_time_to_accuracy_is_paired_by_seed_and_counts_censored_runs() -> None:
         steady = [0.6, 0.91, 0.92, 0.92] if seed == 1 else [0.6, 0.85, 0.91, 0.92]
         records.append(_curve("steady", seed, steady, pace / (2 + seed)))
         records.append(_curve("lucky", seed, [0.95, 0.95, 0.95] if seed == 0 else [0.6, 0.7, 0.8], pace / 3))
-    grid = Grid.from_values(
-        {
-            "base": str(ROOT / "examples" / "configs" / "digits_full.yaml"),
-            "output": "unused",
-            "methods": ["full", "random", "topk"],
-            "keep": [0.5],
-            "seeds": [0, 1, 2],
-        }
-    )
+    grid = _grid(["full", "random", "topk"], seeds=[0, 1, 2])
     for record in records:  # the grid knows registered names only: steady and lucky run as random and topk
         record["method"] = {"steady": "random", "lucky": "topk"}.get(record["method"], record["method"])
     rows = select_best_lr(summarise(records, grid), grid.mode)
@@ -258,15 +247,7 @@ def test_a_seed_that_full_never_finishes_makes_the_speedup_a_lower_bound() -> No
         _curve("random", 0, [0.9, 0.9], 1.0),
         _curve("random", 1, [0.9, 0.9], 1.0),
     ]
-    grid = Grid.from_values(
-        {
-            "base": str(ROOT / "examples" / "configs" / "digits_full.yaml"),
-            "output": "unused",
-            "methods": ["full", "random"],
-            "keep": [0.5],
-            "seeds": [0, 1],
-        }
-    )
+    grid = _grid(["full", "random"], seeds=[0, 1])
     rows = select_best_lr(summarise(records, grid), grid.mode)
     results = {r.method: r for r in time_to_target(rows, records, grid.mode, tolerance=0.0)}
     assert results["random"].bound == "lower" and results["random"].adjusted_p is None
@@ -298,16 +279,7 @@ def null_records(generator: random.Random, noises: list[float], seeds: int) -> l
 
 def test_each_table_keeps_its_family_wise_error_rate_under_pure_noise() -> None:
     noises, seeds, simulations = [0.0, 0.3], 3, 1000
-    grid = Grid.from_values(
-        {
-            "base": str(ROOT / "examples" / "configs" / "digits_full.yaml"),
-            "output": "unused",
-            "methods": NULL_METHODS,
-            "keep": [0.5],
-            "label_noise": noises,
-            "seeds": list(range(seeds)),
-        }
-    )
+    grid = _grid(NULL_METHODS, label_noise=noises, seeds=list(range(seeds)))
     generator = random.Random(2024)
     any_false = {"holm": 0, "bh": 0, "none": 0}
     for _ in range(simulations):
@@ -335,15 +307,7 @@ def test_the_aa_row_is_labelled_and_read_as_a_calibration(shift: float) -> None:
         records.append(_record("full", seed, base + 0.01, 10.0 + seed))
         records.append(_record("random", seed, base, 6.0 + seed))
         records.append(_record("random:seed_offset=1", seed, base + wobble[seed] + shift, 6.0 + seed + wobble[seed]))
-    grid = Grid.from_values(
-        {
-            "base": str(ROOT / "examples" / "configs" / "digits_full.yaml"),
-            "output": "unused",
-            "methods": ["full", "random", "random:seed_offset=1"],
-            "keep": [0.5],
-            "seeds": [0, 1, 2, 3],
-        }
-    )
+    grid = _grid(["full", "random", "random:seed_offset=1"], seeds=[0, 1, 2, 3])
     rows = select_best_lr(summarise(records, grid), grid.mode)
     differences = compare_rows(rows, records)
     assert "| 0 | random:seed_offset=1 (A/A) | 0.5 |" in significance_tables(rows, differences, grid.metric)
@@ -365,15 +329,7 @@ def test_a_difference_equal_on_every_seed_is_not_a_finding() -> None:
         records.append(_record("full", seed, 0.9972, 10.0 + seed))
         records.append(_record("random", seed, 0.9972 - image, 4.0 + seed))
         records.append(_record("omp", seed, 0.9972, 6.0 + 1.1 * seed))
-    grid = Grid.from_values(
-        {
-            "base": str(ROOT / "examples" / "configs" / "digits_full.yaml"),
-            "output": "unused",
-            "methods": ["full", "random", "omp"],
-            "keep": [0.5],
-            "seeds": [0, 1, 2],
-        }
-    )
+    grid = _grid(["full", "random", "omp"], seeds=[0, 1, 2])
     rows = select_best_lr(summarise(records, grid), grid.mode)
     differences = compare_rows(rows, records)
     found = {(d.method, d.reference, d.quantity): d for d in differences}
