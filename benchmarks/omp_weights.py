@@ -12,8 +12,9 @@ Every fit keeps a quarter of each batch of 64 (``k = 16``). Candidates:
 * ``uniform``: OMP's subset with all weights one; ``random``: a uniform random subset.
 
 Reported per task and noise level: the mean final validation accuracy, the mean over training of
-``sbp/grad_error_ratio`` (the subset's last-layer gradient error over a random subset's; below 1
-is better), the largest ``|w|`` seen, the fallbacks, and each candidate's paired difference in
+``sbp/grad_error_ratio`` (the subset's last-layer gradient error over a random subset's; random's
+own averages a little below 1, so compare with the ``random`` row), the largest ``|w|`` seen, the
+fallbacks, and each candidate's paired difference in
 accuracy from ``normalized`` (same seed: same initial weights, data order and noisy labels) with a
 95% t interval. Results go to a JSON Lines file, one fit per line; a repeated command skips fits
 already there.

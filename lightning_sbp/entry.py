@@ -1,11 +1,12 @@
 """The ``lightning-sbp`` command: one dispatcher over its subcommands.
 
 ``fit``, ``validate`` and ``test`` (and any leading option, such as ``--config``) go to the
-LightningCLI in :mod:`lightning_sbp.cli`; ``compare`` goes to ``lightning_sbp.compare.command.main``
-and ``profile`` to ``lightning_sbp.profile.main``. Each of those takes the arguments after its name
-and returns an exit status. They are imported only when named, so ``lightning-sbp fit`` loads
-neither of them, and the modules below this one never import it: the dependencies point one way
-(dispatcher, then ``compare`` and ``profile``, then the CLI class).
+LightningCLI in :mod:`lightning_sbp.cli`; ``compare`` goes to ``lightning_sbp.compare.command.main``,
+``profile`` to ``lightning_sbp.profile.main`` and ``demo`` to ``lightning_sbp.demo.main``. Each of
+those takes the arguments after its name and returns an exit status. They are imported only when
+named, so ``lightning-sbp fit`` loads none of them, and the modules below this one never import it:
+the dependencies point one way (dispatcher, then ``demo``, ``compare`` and ``profile``, then the CLI
+class).
 
 Run it as ``lightning-sbp ...`` or ``python -m lightning_sbp ...``.
 """
@@ -24,10 +25,15 @@ SUBCOMMANDS: dict[str, str] = {
     "test": "run one test epoch from a LightningCLI configuration",
     "compare": "run a grid of selectors against full training on one base configuration",
     "profile": "time a configuration's model and data: will Selective Backprop pay off on it?",
+    "demo": "run the packaged comparison grid (digits, every selector, label noise) in a few minutes",
 }
 """Every subcommand of ``lightning-sbp`` with its one-line summary."""
 
-_MODULES = {"compare": "lightning_sbp.compare.command", "profile": "lightning_sbp.profile"}
+_MODULES = {
+    "compare": "lightning_sbp.compare.command",
+    "profile": "lightning_sbp.profile",
+    "demo": "lightning_sbp.demo",
+}
 """The subcommands that live in a module of their own, whose ``main(argv) -> int`` runs them."""
 
 _EPILOG = "Each subcommand has its own help: lightning-sbp SUBCOMMAND --help."
@@ -75,6 +81,10 @@ def _load(name: str) -> Callable[[list[str]], int | None]:
         from lightning_sbp.compare.command import main as compare
 
         return compare
+    if name == "demo":
+        from lightning_sbp.demo import main as demo
+
+        return demo
     from lightning_sbp.profile import main as profile
 
     return profile

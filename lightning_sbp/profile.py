@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import math
+import os
 import statistics
 import sys
 import time
@@ -44,11 +46,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import BatchSizeFinder, Callback, EarlyStopping, LearningRateFinder
 
 from lightning_sbp.callback import SelectiveBackprop
 from lightning_sbp.functional.batch import batch_size, index_batch, subset_size
-from lightning_sbp.scoring import has_batch_norm
+from lightning_sbp.recipes.data import DatasetNotFoundError
+from lightning_sbp.scoring import ScoringError, has_batch_norm
 
 __all__ = [
     "DEFAULT_KEEPS",
@@ -126,13 +129,17 @@ class Profile:
         batch_size: ``N``.
         full_step_ms: median time of a training step on ``N`` examples.
         scoring_pass_ms: median time of the scoring pass over ``N`` examples.
-        full_over_score: how many scoring passes a full step costs.
+        full_over_score: how many scoring passes a full step costs (median over rounds of each round's ratio).
         overhead_ms: the fixed overhead of a step (intercept of step time against examples trained on).
         overhead_share: ``overhead_ms`` over the full step.
         break_even_keep: the keep fraction at which the predicted speedup is 1 (``None``: none in (0, 1]).
-        ceiling_speedup: the predicted speedup as ``keep`` goes to 0: scoring and overhead only.
+        ceiling_speedup: the predicted speedup as ``keep`` goes to 0, scoring and overhead only (median over
+            rounds of each round's value).
         rounds: rounds of fits the medians are taken over.
         keeps: one result per keep fraction.
+        load_average: the machine's 1-minute load average before and after the fits, lowest first
+            (``None`` where the system has none).
+        cpus: the machine's CPU count.
     """
 
     batch_size: int
@@ -145,6 +152,8 @@ class Profile:
     ceiling_speedup: float
     rounds: int
     keeps: list[KeepResult]
+    load_average: tuple[float, float] | None = None
+    cpus: int | None = None
 
 
 def analyse(rounds: Sequence[RoundTimes], batch: int, ks: dict[float, int]) -> Profile:
@@ -192,11 +201,13 @@ def analyse(rounds: Sequence[RoundTimes], batch: int, ks: dict[float, int]) -> P
         batch_size=batch,
         full_step_ms=1e3 * full,
         scoring_pass_ms=1e3 * score,
-        full_over_score=full / score if score > 0 else math.inf,
+        full_over_score=statistics.median(r.full / r.score if r.score > 0 else math.inf for r in rounds),
         overhead_ms=1e3 * overhead,
         overhead_share=overhead / full if full > 0 else 0.0,
         break_even_keep=break_even_keep,
-        ceiling_speedup=full / (score + overhead) if score + overhead > 0 else math.inf,
+        ceiling_speedup=statistics.median(
+            r.full / (r.score + overhead) if r.score + overhead > 0 else math.inf for r in rounds
+        ),
         rounds=len(rounds),
         keeps=sorted(results, key=lambda result: result.keep),
     )
@@ -262,10 +273,25 @@ def format_report(profile: Profile) -> str:
         f"break-even keep: {break_even}.",
         f"best case (keep → 0): {profile.ceiling_speedup:.2f}×.",
         "predicted = T_full(N) / (T_score(N) + T_full(k)); agreement = measured / predicted.",
+        *_load_line(profile),
         "",
         verdict(profile),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _load_line(profile: Profile) -> list[str]:
+    """The load the fits ran under, and a warning when the machine was busier than its CPUs."""
+    if profile.load_average is None:
+        return []
+    low, high = profile.load_average
+    line = f"1-minute load average during the fits: {low:.1f} to {high:.1f} on {profile.cpus or '?'} CPUs"
+    if profile.cpus and high > profile.cpus:
+        line += (
+            "; the machine was busier than its CPUs, so step times are noisy and the ratios may be off: profile "
+            "again on a quieter machine, or with --threads 1"
+        )
+    return [line + "."]
 
 
 def json_rows(profile: Profile) -> list[dict[str, Any]]:
@@ -374,27 +400,34 @@ class _Setup:
 
 
 def _build(configs: Sequence[str], extra: Sequence[str], warmup: int, steps: int) -> _Setup:
-    from lightning_sbp.cli import SelectiveBackpropCLI
+    from lightning_sbp.tool_cli import DiscardingLogger, ToolCLI
 
     args = [item for config in configs for item in ("--config", config)] + list(extra)
-    cli = SelectiveBackpropCLI(args=args, run=False, save_config_callback=None, parser_kwargs={"exit_on_error": False})
-    configured = cli.config_init.get("trainer", {}).get("callbacks") or []
-    configured = configured if isinstance(configured, list) else [configured]
-    sbp = next((cb for cb in configured if isinstance(cb, SelectiveBackprop)), None)
-    # Callbacks that need validation metrics or write checkpoints have no place in a timing run.
-    kept = [cb for cb in configured if not isinstance(cb, SelectiveBackprop | ModelCheckpoint | EarlyStopping)]
+    # Early stopping needs validation, which is off; tuners would search inside every timed fit.
+    timing_breakers = (SelectiveBackprop, EarlyStopping, BatchSizeFinder, LearningRateFinder)
+    cli = ToolCLI(
+        args=args,
+        run=False,
+        leave_out=timing_breakers,
+        save_config_callback=None,
+        parser_kwargs={"exit_on_error": False},
+    )
+    sbp = next((cb for cb in cli.configured_callbacks() if isinstance(cb, SelectiveBackprop)), None)
 
     def make_trainer(callbacks: list[Callback]) -> pl.Trainer:
         return cli.instantiate_trainer(
-            callbacks=[*kept, *callbacks],
+            callbacks=callbacks,
             max_epochs=None,
             max_steps=warmup + steps + 2,
+            max_time=None,
+            fast_dev_run=False,
+            overfit_batches=0.0,
             limit_train_batches=1.0,
             limit_val_batches=0,
             num_sanity_val_steps=0,
             val_check_interval=None,
             check_val_every_n_epoch=None,
-            logger=False,
+            logger=DiscardingLogger(),
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
@@ -487,9 +520,12 @@ Extra arguments are passed to LightningCLI after the configuration files, for ex
 callback in the configuration lends its scoring options (score_mode, score_precision,
 score_scale) to the scoring pass and to the selective steps; its selector and keep are not
 used (selection is by loss, topk: it measures the cost of a scored step, not the choice of examples).
-Validation, checkpoints and loggers are off during the fits.
+Validation, checkpoints, progress bars and logging are off during the fits; the configuration's
+other callbacks run as configured, except early stopping and the tuners (batch size and learning-rate
+finders), which would change what is timed.
 
-Exit status: 0 after a profile, 2 for bad input.
+Exit status: 0 after a profile, 2 for bad input, 1 for a dataset missing from disk or batches the
+scoring pass cannot read.
 """
 
 
@@ -538,7 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         0 after a profile.
 
     Raises:
-        SystemExit: with status 2 and ``error: ...`` for bad input.
+        SystemExit: with status 2 and ``error: ...`` for bad input, 1 for a dataset missing from disk or
+            batches the scoring pass cannot read.
     """
     parser = build_parser()
     args, extra = parser.parse_known_args(sys.argv[2:] if argv is None else list(argv))
@@ -560,18 +597,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     total = 1 + args.rounds * (2 + 2 * len(keeps))
+    before = _load_average()
     with _quiet(), _progress(total, not args.no_progress) as advance:
         try:
             setup = _build(args.config, extra, args.warmup, args.steps)
         except (ValueError, TypeError) as err:
             parser.error(" ".join(str(err).split()))
-        rounds, batch, ks = measure(setup, keeps, args.rounds, args.warmup, args.steps, advance)
-    profile = analyse(rounds, batch, ks)
+        try:
+            rounds, batch, ks = measure(setup, keeps, args.rounds, args.warmup, args.steps, advance)
+        except (DatasetNotFoundError, ScoringError) as err:
+            sys.stderr.write(f"error: {err}\n")
+            raise SystemExit(1) from None
+    loads = [load for load in (before, _load_average()) if load is not None]
+    profile = dataclasses.replace(
+        analyse(rounds, batch, ks),
+        load_average=(min(loads), max(loads)) if loads else None,
+        cpus=os.cpu_count(),
+    )
     print(format_report(profile), end="")
     if args.json:
         Path(args.json).write_text(json.dumps(json_rows(profile), indent=2) + "\n")
         print(f"json: {args.json}")
     return 0
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average of the machine (``None`` where the system has none)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -211,3 +213,36 @@ def tiny_gpt2_config(vocab_size: int) -> dict[str, Any]:
         "bos_token_id": 0,
         "eos_token_id": 0,
     }
+
+
+def fake_data(image_size: tuple[int, int, int] = (3, 32, 32), size: int = 24, transform: Any = None) -> Any:
+    """A ``make_dataset`` for the torchvision DataModules: random images, no files.
+
+    ``transform``, when given, replaces the DataModule's own (whose crops expect the dataset's image size).
+    """
+    from torchvision.datasets import FakeData
+
+    replacement = transform
+
+    def make_dataset(self: Any, split: str, transform: Any, download: bool) -> Any:
+        offset = 0 if split == "train" else 10_000
+        return FakeData(
+            size=size,
+            image_size=image_size,
+            num_classes=self.num_classes,
+            transform=transform if replacement is None else replacement,
+            random_offset=offset,
+        )
+
+    return make_dataset
+
+
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "was", "a", "film", "plot"]
+
+
+def tiny_tokenizer(folder: Path) -> str:
+    bert_tokenizer = importlib.import_module("transformers").BertTokenizerFast
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    bert_tokenizer(str(vocab)).save_pretrained(folder / "tokenizer")
+    return str(folder / "tokenizer")

@@ -307,10 +307,10 @@ def test_a_wrong_function_path_is_one_error_line(
 def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "{fit,validate,test,compare,profile}" in out.splitlines()[0]
+    assert "{fit,validate,test,compare,profile,demo}" in out.splitlines()[0]
     listed = [match[1] for match in re.finditer(r"^ {4}(\w+) ", out, re.MULTILINE)]
-    assert listed == ["fit", "validate", "test", "compare", "profile"]
-    assert set(entry.SUBCOMMANDS) == {*cli.COMMANDS, "compare", "profile"}
+    assert listed == ["fit", "validate", "test", "compare", "profile", "demo"]
+    assert set(entry.SUBCOMMANDS) == {*cli.COMMANDS, "compare", "profile", "demo"}
 
 
 @pytest.mark.parametrize("args", [[], ["predict"], ["predict", "--help"]])
@@ -331,10 +331,11 @@ def test_the_console_script_and_python_m_run_the_dispatcher(capsys: pytest.Captu
     assert "compare" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(
-    ("name", "module_name"), [("compare", "lightning_sbp.compare.command"), ("profile", "lightning_sbp.profile")]
-)
-def test_compare_and_profile_are_dispatched_to_their_modules(
+MODULES = {"compare": "lightning_sbp.compare.command", "profile": "lightning_sbp.profile", "demo": "lightning_sbp.demo"}
+
+
+@pytest.mark.parametrize(("name", "module_name"), MODULES.items())
+def test_compare_profile_and_demo_are_dispatched_to_their_modules(
     name: str, module_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     received: list[list[str]] = []
@@ -345,15 +346,13 @@ def test_compare_and_profile_are_dispatched_to_their_modules(
 
     module: Any = types.ModuleType(f"lightning_sbp.{name}")
     module.main = module_main
-    monkeypatch.setitem(
-        sys.modules, {"compare": "lightning_sbp.compare.command", "profile": "lightning_sbp.profile"}[name], module
-    )
+    monkeypatch.setitem(sys.modules, module_name, module)
     monkeypatch.setattr(sys, "argv", ["lightning-sbp", name, "--config", "base.yaml"])
     assert main() == 3
     assert received == [["--config", "base.yaml"]]
 
 
-@pytest.mark.parametrize("module", ["lightning_sbp.compare.command", "lightning_sbp.profile"])
+@pytest.mark.parametrize("module", MODULES.values())
 def test_a_subcommand_without_its_module_is_a_one_line_error(
     module: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

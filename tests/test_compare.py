@@ -94,10 +94,22 @@ def test_a_tiny_grid_writes_records_table_csv_and_plots(tiny: Path) -> None:
         assert (tiny / "runs" / record["run_id"] / "logs" / record["method"] / "metrics.csv").is_file()
     assert [entry["selective_steps"] for entry in by_method["random"]["epochs"]] == [3, 3]
     assert by_method["random"]["grad_error_ratio"] > 0
+    # gradient errors on the first selective step and every fourth after it: steps 0 and 4 of the six
+    random = by_method["random"]
+    assert random["measured_steps"] == 2 and [entry["measured_steps"] for entry in random["epochs"]] == [1, 1]
+    assert random["grad_error_sq_ratio"] > 0 and random["grad_error_sq_ratio_se"] is not None
+    # the measurements are timed apart and kept out of the train time; full has none. The fit's time ends a
+    # little later than the train time, after the fit's teardown: what is left is that teardown, not the measurement.
+    assert random["measurement_seconds"] > 0 and by_method["full"]["measurement_seconds"] == 0.0
+    remaining = random["fit_seconds"] - random["validation_seconds"] - random["measurement_seconds"]
+    assert 0 < random["train_seconds"] <= remaining
     assert by_method["full"]["grad_error"] is None and by_method["full"]["epochs"] == []
     summary = (tiny / "summary.md").read_text()
     table = summary.split("\n## ")[0]
     assert "| noise | method |" in table and table.count("\n| base |") == 3
+    assert "measured on one selective step in 4, timed apart by the callback and subtracted" in " ".join(
+        summary.split()
+    )
     # then time to accuracy and the significance tables, which a single seed cannot fill
     assert "## Time to accuracy" in summary and "## Which differences are larger than seed noise" in summary
     assert " ".join(summary.split()).endswith("run two or more seeds to tell which differences are real.")
@@ -168,7 +180,16 @@ def test_a_second_invocation_trains_nothing_and_a_lost_record_is_trained_again(
         (["--keep", "0"], "keep values must lie in (0, 1]"),
         (["--lr", "omp=0.1"], "not in the grid's methods"),
         (["--set", "trainer.max_epochs=3"], "holds runs of a different base configuration"),
-        (["--base", str(ROOT / "examples" / "configs" / "digits_omp.yaml")], "already has a SelectiveBackprop"),
+        (
+            [
+                "--set",
+                'trainer.callbacks=[{"class_path": "lightning_sbp.SelectiveBackprop"}, {"class_path": '
+                '"lightning_sbp.SelectiveBackprop"}]',
+            ],
+            "has 2 SelectiveBackprop callbacks (trainer.callbacks[0, 1])",
+        ),
+        (["--methods", "full", "random:seed_offset=-1"], "seed_offset must be a non-negative integer"),
+        (["--grad-error-every", "0"], "grad_error_every must be a positive integer"),
         (["--set", "model.init_args.lrr=0.1"], "unknown argument 'lrr'; did you mean 'lr'? accepted arguments: "),
         (["--set", "data.init_args.label_noise=2"], "label_noise must be a fraction in [0, 1]"),
     ],
@@ -179,7 +200,9 @@ def test_a_second_invocation_trains_nothing_and_a_lost_record_is_trained_again(
         "keep",
         "lr-method",
         "other-base",
-        "sbp-in-base",
+        "two-sbp-in-base",
+        "seed-offset",
+        "grad-error-every",
         "bad-key",
         "refused-value",
     ],
@@ -240,7 +263,59 @@ def test_expansion_interleaves_methods_and_gives_stable_distinct_ids() -> None:
     assert small.batch_size == 16 and "--data.init_args.batch_size=16" in small.args
     omp = next(run for run in runs if run.method == "omp")
     callback = json.loads(next(arg for arg in omp.args if arg.startswith("--trainer.callbacks+=")).split("=", 1)[1])
-    assert callback["init_args"] == {"selector": "omp", "keep": 0.25, "seed": 1, "grad_error_every": 1}
+    assert callback["init_args"] == {
+        "selector": "omp",
+        "keep": 0.25,
+        "seed": 1,
+        "track_grad_error": True,
+        "grad_error_every": 4,
+    }
+
+
+def _callback(run: Any) -> dict[str, Any]:
+    return json.loads(next(arg for arg in run.args if arg.startswith("--trainer.callbacks+=")).split("=", 1)[1])
+
+
+def test_the_aa_row_draws_other_subsets_from_the_same_start() -> None:
+    from lightning_sbp.compare.grid import SEED_STRIDE, is_aa
+
+    spec = grid(methods=["random", "random:seed_offset=1"], keep=[0.5], seeds=[3], grad_error_every=2)
+    plain, aa = expand(spec, "f", 64)
+    assert is_aa(aa.method) and not is_aa(plain.method) and not is_aa("omp:seed_offset=1")
+    assert aa.seed == plain.seed == 3 and "--seed_everything=3" in aa.args  # same weights and data order
+    assert _callback(aa)["init_args"]["seed"] == 3 + SEED_STRIDE and _callback(plain)["init_args"]["seed"] == 3
+    assert _callback(aa)["init_args"]["selector"] == "random"  # the offset is the grid's, not the selector's
+    assert _callback(aa)["init_args"]["grad_error_every"] == 2
+    assert aa.run_id != plain.run_id
+
+
+def test_a_base_callback_lends_its_options_and_leaves_the_configuration() -> None:
+    from lightning_sbp.compare.grid import adopt_base_callback
+
+    monitor = {
+        "class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+        "init_args": {"logging_interval": "step"},
+    }
+    sbp = {
+        "class_path": "lightning_sbp.SelectiveBackprop",
+        "init_args": {"selector": "omp", "keep": 0.3, "score_precision": "bf16", "interrupt": 0, "seed": 9},
+    }
+    spec = grid(methods=[FULL, "topk"], keep=[0.5], overrides={"trainer": {"max_epochs": 2}})
+    assert adopt_base_callback(spec, [monitor]) is spec
+    adopted = adopt_base_callback(spec, [monitor, sbp])
+    assert adopted.overrides == {"trainer": {"max_epochs": 2, "callbacks": [monitor]}}
+    assert spec.overrides == {"trainer": {"max_epochs": 2}}  # the grid it came from is unchanged
+    # only options away from their defaults, and none of those the grid sets itself
+    assert adopted.callback_options == {"score_precision": "bf16"}
+    _, topk = expand(adopted, "f", 64)
+    assert _callback(topk)["init_args"] == {
+        "score_precision": "bf16",
+        "selector": "topk",
+        "keep": 0.5,
+        "seed": 0,
+        "track_grad_error": True,
+        "grad_error_every": 4,
+    }
 
 
 def test_learning_rate_grids_per_method_or_shared() -> None:

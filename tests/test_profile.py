@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -65,6 +66,21 @@ def test_ratios_are_paired_within_rounds() -> None:
     assert profile.keeps[0].measured_speedup == pytest.approx(fast.full / fast.selective[0.5], rel=ARITHMETIC)
 
 
+def test_the_scoring_ratio_and_the_ceiling_are_paired_within_rounds() -> None:
+    # The load changes between the fits of a round: each round's own ratio counts, not a ratio of medians
+    # taken from different rounds (here 20 / 10 = 2.0, though no round had a ratio of 2).
+    ks = {0.5: 32}
+    rounds = [
+        RoundTimes(full=full, score=score, subset={0.5: full / 2}, selective={0.5: score + full / 2})
+        for full, score in ((10.0, 4.0), (30.0, 10.0), (20.0, 12.0))
+    ]
+    profile = analyse(rounds, 64, ks)
+    assert profile.full_over_score == pytest.approx(2.5)
+    overhead = profile.overhead_ms / 1e3
+    expected = sorted(r.full / (r.score + overhead) for r in rounds)[1]
+    assert profile.ceiling_speedup == pytest.approx(expected)
+
+
 def test_verdict_when_the_scoring_pass_eats_the_saving() -> None:
     batch, ks = 64, {0.25: 16, 0.5: 32}
     # overhead dominates and scoring costs as much as a training step per example: no keep pays off
@@ -128,3 +144,13 @@ def test_json_output_of_a_tiny_real_run(tmp_path: Path, capsys: pytest.CaptureFi
     assert row["measured_speedup"] == pytest.approx(row["full_step_ms"] / row["selective_step_ms"], rel=ARITHMETIC)
     assert f"| 0.5 | 8 | {row['predicted_speedup']:.2f}× | {row['measured_speedup']:.2f}× |" in printed
     assert printed.rstrip().splitlines()[-2] == row["verdict"]
+
+
+def test_the_report_gives_the_load_and_warns_when_the_machine_was_busy() -> None:
+    batch, ks = 64, {0.5: 32}
+    profile = analyse([known_costs(1e-3, 1e-4, 3e-5, batch, ks)], batch, ks)
+    assert "load average" not in format_report(profile)
+    calm = format_report(dataclasses.replace(profile, load_average=(0.4, 1.2), cpus=2))
+    assert "1-minute load average during the fits: 0.4 to 1.2 on 2 CPUs." in calm and "busier" not in calm
+    busy = format_report(dataclasses.replace(profile, load_average=(1.5, 4.5), cpus=2))
+    assert "1.5 to 4.5 on 2 CPUs; the machine was busier than its CPUs" in busy and "--threads 1" in busy

@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import WORDS, fake_data, tiny_tokenizer
 from helpers import trainer as quiet_trainer
 from tolerances import gamma
 from torch import nn
@@ -59,18 +60,6 @@ def one_step(model: pl.LightningModule, datamodule: pl.LightningDataModule, tmp_
     return recorder
 
 
-def fake_data(image_size: tuple[int, int, int] = (3, 32, 32), size: int = 24):
-    from torchvision.datasets import FakeData
-
-    def make_dataset(self: Any, split: str, transform: Any, download: bool) -> Any:
-        offset = 0 if split == "train" else 10_000
-        return FakeData(
-            size=size, image_size=image_size, num_classes=self.num_classes, transform=transform, random_offset=offset
-        )
-
-    return make_dataset
-
-
 # -- backbones ---------------------------------------------------------------------------------------
 
 
@@ -97,6 +86,12 @@ def test_resnet18_uses_the_cifar_stem() -> None:
     first = next(module for module in model.modules() if isinstance(module, nn.Conv2d))
     assert first.kernel_size == (3, 3) and first.stride == (1, 1)
     assert not any(isinstance(module, nn.MaxPool2d) for module in model.modules())
+
+
+def test_the_digits_cnn_takes_its_width() -> None:
+    model = build_backbone("digits_cnn", num_classes=10, in_channels=1, width=8)
+    assert model.fc.in_features == 16  # type: ignore[union-attr]
+    assert build_backbone("digits_cnn", num_classes=10, in_channels=1).fc.in_features == 64  # type: ignore[union-attr]
 
 
 def test_unknown_backbone_lists_the_known_ones() -> None:
@@ -279,16 +274,6 @@ def test_digits_recipe_learns_and_tests_on_its_validation_split(tmp_path: Path) 
 
 
 # -- text --------------------------------------------------------------------------------------------------
-
-WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "was", "a", "film", "plot"]
-
-
-def tiny_tokenizer(folder: Path) -> str:
-    bert_tokenizer = importlib.import_module("transformers").BertTokenizerFast
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    bert_tokenizer(str(vocab)).save_pretrained(folder / "tokenizer")
-    return str(folder / "tokenizer")
 
 
 def tiny_bert(num_labels: int = 2) -> TextClassifier:

@@ -11,9 +11,11 @@ from typing import Any
 
 from lightning_sbp.compare import time_to_accuracy
 from lightning_sbp.compare.grid import (
+    GRID_KEYS,
     Grid,
     GridError,
     Run,
+    adopt_base_callback,
     available_methods,
     base_fingerprint,
     expand,
@@ -23,6 +25,7 @@ from lightning_sbp.compare.grid import (
     parse_assignment,
 )
 from lightning_sbp.compare.launchers import LAUNCHERS, make_launcher
+from lightning_sbp.compare.multiplicity import CORRECTIONS, correction_name
 from lightning_sbp.compare.plots import plot_all
 from lightning_sbp.compare.report import markdown_table, select_best_lr, summarise, write_csv
 from lightning_sbp.compare.runner import (
@@ -39,7 +42,7 @@ from lightning_sbp.compare.runner import (
 )
 from lightning_sbp.compare.significance import compare_rows, reading, significance_tables
 
-__all__ = ["build_parser", "grid_from_args", "main"]
+__all__ = ["build_parser", "grid_from_args", "main", "measurement_sentence"]
 
 _EPILOG = """\
 Every run is a real Lightning fit built by LightningCLI from the base configuration, the grid's
@@ -47,7 +50,15 @@ overrides and the run's settings: 'full' trains on every example with no callbac
 method adds SelectiveBackprop(selector, keep, seed=<run seed>) to trainer.callbacks; 'small-batch'
 trains with batch size k = floor(keep * N) for as many optimiser steps as the selective runs (so
 with as many examples backpropagated), the reference for random selection. All runs of a seed
-share seed_everything, hence the initial weights and the data order.
+share seed_everything, hence the initial weights and the data order. 'random:seed_offset=1' is
+random selection with other random draws: against random, an A/A row that calibrates the test.
+A SelectiveBackprop callback in the base configuration gives its options (scoring, schedule) to
+every selective run's callback and leaves the configuration; its selector and keep are not used.
+
+Fairness: each run's train time excludes validation and the gradient-error measurements, which only
+the comparison needs (the callback times them apart; they run on every grad_error_every-th selective
+step), so random pays no scoring pass. Differences are paired by seed, and each table's p-values are
+adjusted together (Holm by default) so that a whole table keeps a 5% error rate.
 
 A grid file holds the same settings as the flags (flags win). Paths in it are relative to the file:
 
@@ -61,6 +72,8 @@ A grid file holds the same settings as the flags (flags win). Paths in it are re
   metric: val/acc                     # validation metric to report; mode: max or min
   threads: 1                          # torch.set_num_threads for the runs
   target_tolerance: 0.01              # time-to-accuracy target: full's final metric minus this
+  grad_error_every: 4                 # measure gradient errors on every 4th selective step
+  correction: holm                    # p-values adjusted per table: holm, bh or none
   keys: {lr: model.init_args.lr, label_noise: data.init_args.label_noise,
          batch_size: data.init_args.batch_size}
 
@@ -137,6 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="D",
         help="time to accuracy: the target is full's mean final metric minus D (plus D with --mode min; default 0.01)",
     )
+    parser.add_argument(
+        "--grad-error-every",
+        dest="grad_error_every",
+        type=int,
+        metavar="G",
+        help="selective runs measure their gradient errors on every G-th selective step (default 4)",
+    )
+    parser.add_argument(
+        "--correction",
+        choices=CORRECTIONS,
+        help="how each table's p-values are adjusted together: holm (family-wise error, the default), bh "
+        "(false-discovery rate) or none",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--launcher",
@@ -177,12 +203,10 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
         GridError: for anything that cannot run.
     """
     values: dict[str, Any] = load_grid_file(Path(args.config)) if args.config else {}
-    for key in ("base", "output", "methods", "keep", "label_noise", "seeds", "metric", "mode", "threads"):
-        value = getattr(args, key)
+    for key in GRID_KEYS:
+        value = None if key == "lr" else getattr(args, key, None)  # learning rates have a syntax of their own
         if value is not None:
             values[key] = value
-    if args.target_tolerance is not None:
-        values["target_tolerance"] = args.target_tolerance
     if args.lr is not None:
         values["lr"] = _learning_rate_flags(args.lr)
     if args.assignments:
@@ -230,6 +254,7 @@ def _compare(grid: Grid, args: argparse.Namespace) -> int:
     # The configuration first: a typo in an override is the error to report, even over an output
     # directory whose runs it would not match.
     base = inspect_base(grid)
+    grid = adopt_base_callback(grid, base.callbacks)
     fingerprint = base_fingerprint(grid)
     check_output(grid, fingerprint)
     if args.report and not (grid.output / "compare.json").is_file():
@@ -298,6 +323,9 @@ def _summarise_output(grid: Grid, runs: Sequence[Run], records: list[dict[str, A
 
     print(table, end="")
     print(_legend(grid, tuned))
+    measured = measurement_sentence(grid, records)
+    if measured:
+        print(textwrap.fill(measured, width=110))
     print(f"summary: {grid.output / 'summary.md'}, {grid.output / 'summary.csv'}")
     if plots:
         print("plots: " + ", ".join(str(path) for path in plots))
@@ -314,10 +342,11 @@ def _legend(grid: Grid, tuned: bool) -> str:
     text = (
         f"Means ± sample standard deviations over seeds. final/best {grid.metric}: at the last validation / the best "
         "validation of each run. grad error: mean relative error of the selected subset's last-layer gradient "
-        "against the full batch's; ratio to random: its mean per-step ratio to the closed-form error of a random "
-        "subset of the same size (below 1: better than random). train time: wall-clock time of the fit without "
-        "validation; speedup: full's train time divided by the method's. examples backprop: examples that went "
-        "through a backward pass."
+        "against the full batch's; error² / random's: the mean over measured steps of that error squared over the "
+        "closed-form expected squared error of a random subset of the same size, whose expectation is exactly 1 for "
+        "random selection (below 1: closer to the batch gradient than random subsets, in mean square). train time: "
+        "wall-clock time of the fit without validation and without the gradient-error measurements; speedup: "
+        "full's train time divided by the method's. examples backprop: examples that went through a backward pass."
     )
     if tuned:
         text += (
@@ -327,10 +356,34 @@ def _legend(grid: Grid, tuned: bool) -> str:
     return textwrap.fill(text, width=110)
 
 
+def measurement_sentence(grid: Grid, records: list[dict[str, Any]]) -> str:
+    """How the train times treat the gradient-error measurements, and the share of time those took."""
+    selective = [r for r in records if r.get("status") == "finished" and r.get("selective_steps")]
+    if not selective:
+        return ""
+    timed = [r for r in selective if r.get("measurement_seconds") is not None]
+    if not timed:
+        return ""
+    sample = grid.grad_error_every
+    every = "on every selective step" if sample == 1 else f"on one selective step in {sample}"
+    shares: dict[str, list[float]] = {}
+    for r in timed:
+        total = r["train_seconds"] + r["measurement_seconds"]
+        shares.setdefault(r["method"], []).append(r["measurement_seconds"] / total if total > 0 else 0.0)
+    means = {method: sum(values) / len(values) for method, values in shares.items()}
+    largest = max(means, key=lambda method: means[method])
+    return (
+        f"The gradient errors were measured {every}, timed apart by the callback and subtracted from the train "
+        f"times: they took {sum(means.values()) / len(means):.0%} of a selective run's time on average "
+        f"(most: {largest}, {means[largest]:.0%}). Random selection runs a scoring pass only to measure, so its "
+        "train time carries none."
+    )
+
+
 def _analysis(grid: Grid, rows: list[Any], records: list[dict[str, Any]]) -> str:
     """Time to accuracy, then the paired differences over seeds and the sentences that read them (last)."""
-    targets = time_to_accuracy.time_to_target(rows, records, grid.mode, grid.target_tolerance)
-    differences = compare_rows(rows, records)
+    targets = time_to_accuracy.time_to_target(rows, records, grid.mode, grid.target_tolerance, grid.correction)
+    differences = compare_rows(rows, records, grid.correction)
     sections = []
     if targets:
         sections += [
@@ -338,10 +391,13 @@ def _analysis(grid: Grid, rows: list[Any], records: list[dict[str, Any]]) -> str
             "",
             time_to_accuracy.markdown_table(targets, grid.metric),
             _wrap(
-                f"Training time (validation excluded) and examples backpropagated until the validation {grid.metric} "
-                f"first reached the target: full's mean final value {'minus' if grid.mode == 'max' else 'plus'} "
-                f"{grid.target_tolerance:g}. Means over the runs that reached it; "
-                "speedup: full's time over the method's."
+                f"Training time (validation and measurements excluded) and examples backpropagated until the "
+                f"validation {grid.metric} first reached the target: full's mean final value "
+                f"{'minus' if grid.mode == 'max' else 'plus'} {grid.target_tolerance:g}. A run that never reached it "
+                "is censored (>: its whole training time). Speedup: on each seed, full's time over the method's on "
+                "the same seed; the geometric mean over seeds with its 95% confidence interval. With censored runs "
+                "it is a bound (≤ or ≥) and is not tested. Beyond noise: adjusted p-value below 0.05, "
+                f"{correction_name(grid.correction)} over the table."
             ),
             "",
         ]
@@ -351,10 +407,12 @@ def _analysis(grid: Grid, rows: list[Any], records: list[dict[str, Any]]) -> str
         significance_tables(rows, differences, grid.metric),
         _wrap(
             "Each method minus random (same keep and noise) and minus full, seed by seed: mean and 95% Student-t "
-            "confidence interval over the seeds. Bold: the interval excludes 0, so the difference exceeds seed noise."
+            "confidence interval over the seeds (each comparison on its own). Beyond noise: the paired t-test's "
+            f"p-value, adjusted over the table ({correction_name(grid.correction)}), is below 0.05; those "
+            "differences are in bold."
         ),
         "",
-        *[_wrap(sentence) for sentence in reading(rows, differences, grid.metric, grid.mode)],
+        *[_wrap(sentence) for sentence in reading(rows, differences, grid.metric, grid.mode, grid.correction)],
         "",
     ]
     return "\n".join(sections)
@@ -391,6 +449,9 @@ def _summary_document(
             "examples are counted over all ranks."
         )
     lines += ["", table, _legend(grid, tuned), ""]
+    measured = measurement_sentence(grid, records)
+    if measured:
+        lines += [textwrap.fill(measured, width=110), ""]
     if failed:
         lines += [f"{len(failed)} runs failed and are left out: " + ", ".join(r["run_id"] for r in failed), ""]
     if missing:

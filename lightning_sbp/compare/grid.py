@@ -9,6 +9,8 @@ same cell always lands in the same directory and a repeated comparison finds its
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -20,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from lightning_sbp.compare.multiplicity import CORRECTIONS
 from lightning_sbp.functional.batch import subset_size
 from lightning_sbp.selectors import available_selectors, get_selector
 
@@ -31,9 +34,11 @@ __all__ = [
     "Grid",
     "GridError",
     "Run",
+    "adopt_base_callback",
     "available_methods",
     "base_fingerprint",
     "expand",
+    "is_aa",
     "load_grid_file",
     "merge",
     "nest",
@@ -62,8 +67,24 @@ GRID_KEYS = (
     "mode",
     "threads",
     "target_tolerance",
+    "grad_error_every",
+    "correction",
 )
 """The keys a grid file may hold."""
+
+SEED_OFFSET = "seed_offset"
+"""A method option the grid takes for itself: ``random:seed_offset=1`` draws other random subsets.
+
+The run keeps its seed (``seed_everything``: the same initial weights and data order) and gives
+the callback the seed ``seed + seed_offset * SEED_STRIDE``, so its selections differ. Against
+``random`` it is an A/A comparison: a difference by chance alone.
+"""
+
+SEED_STRIDE = 1_000_003
+"""How far apart the callback seeds of two seed offsets lie (so that no offset reuses another run's seed)."""
+
+DEFAULT_GRAD_ERROR_EVERY = 4
+"""Selective runs measure their gradient errors on every this-many-th selective step, unless the grid says."""
 
 
 class GridError(ValueError):
@@ -80,10 +101,11 @@ def available_methods() -> list[str]:
 
 
 def parse_method(method: str) -> tuple[str, dict[str, Any]]:
-    """A method's name and selector options: ``"omp:weights=raw,ridge=0.1"`` as ``("omp", {...})``.
+    """A method's name and options: ``"omp:weights=raw,ridge=0.1"`` as ``("omp", {...})``.
 
     The options follow the name after a colon, as comma-separated ``KEY=VALUE`` pairs with YAML
-    values (``true``, ``0.1``, ``raw``); they are passed to the selector's constructor.
+    values (``true``, ``0.1``, ``raw``); they are passed to the selector's constructor, except
+    ``seed_offset`` (a non-negative integer, see :data:`SEED_OFFSET`), which the grid keeps.
 
     Raises:
         GridError: for an unknown name, options on ``full`` or ``small-batch``, a malformed or
@@ -105,11 +127,20 @@ def parse_method(method: str) -> tuple[str, dict[str, Any]]:
         if key in options:
             raise GridError(f"method {method!r} sets {key!r} twice")
         options[key] = _option_value(text)
+    offset = options.get(SEED_OFFSET, 0)
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise GridError(f"method {method!r}: {SEED_OFFSET} must be a non-negative integer, got {offset!r}")
     try:
-        get_selector(name, **options)
+        get_selector(name, **{key: value for key, value in options.items() if key != SEED_OFFSET})
     except (TypeError, ValueError) as err:
         raise GridError(f"method {method!r}: {err}") from None
     return name, options
+
+
+def is_aa(method: str) -> bool:
+    """Whether ``method`` is an A/A row: ``random`` with a seed offset and no other option."""
+    name, sep, rest = method.partition(":")
+    return name == "random" and bool(sep) and [part.split("=")[0].strip() for part in rest.split(",")] == [SEED_OFFSET]
 
 
 def _option_value(text: str) -> Any:
@@ -168,6 +199,12 @@ class Grid:
         threads: ``torch.set_num_threads`` for the runs; ``None`` leaves torch's default.
         target_tolerance: the time-to-accuracy target of a noise level is ``full``'s mean final
             value less this (plus this when ``mode`` is ``min``).
+        grad_error_every: selective runs measure their gradient errors on every this-many-th
+            selective step (the callback's ``grad_error_every``).
+        correction: how the p-values of a table are adjusted together: ``holm``, ``bh`` or ``none``
+            (see :mod:`~lightning_sbp.compare.multiplicity`).
+        callback_options: options of a ``SelectiveBackprop`` callback in the base configuration,
+            given to every selective run's callback (see :func:`adopt_base_callback`).
     """
 
     base: Path
@@ -183,6 +220,9 @@ class Grid:
     mode: str = "max"
     threads: int | None = None
     target_tolerance: float = 0.01
+    grad_error_every: int = DEFAULT_GRAD_ERROR_EVERY
+    correction: str = "holm"
+    callback_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> Grid:
@@ -229,6 +269,12 @@ class Grid:
         tolerance = values.get("target_tolerance", 0.01)
         if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or tolerance < 0:
             raise GridError(f"target_tolerance must be a number >= 0, got {tolerance!r}")
+        every = values.get("grad_error_every", DEFAULT_GRAD_ERROR_EVERY)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise GridError(f"grad_error_every must be a positive integer (1: every selective step), got {every!r}")
+        correction = values.get("correction", "holm")
+        if correction not in CORRECTIONS:
+            raise GridError(f"correction must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
         overrides = values.get("overrides") or {}
         if not isinstance(overrides, Mapping):
             raise GridError(f"overrides must be a mapping (a partial LightningCLI config), got {overrides!r}")
@@ -246,6 +292,8 @@ class Grid:
             mode=mode,
             threads=threads,
             target_tolerance=float(tolerance),
+            grad_error_every=every,
+            correction=correction,
         )
 
 
@@ -420,12 +468,20 @@ def _make_run(
         args.append(f"--{keys.batch_size}={batch}")
     elif method != FULL:
         name, options = parse_method(method)
+        offset = options.pop(SEED_OFFSET, 0)
         selector: str | dict[str, Any] = name
         if options:
             cls = type(get_selector(name, **options))
             selector = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": options}
-        # A comparison reads the gradient errors epoch by epoch: every selective step measures them.
-        init_args = {"selector": selector, "keep": keep, "seed": seed, "grad_error_every": 1}
+        # The comparison reads the gradient errors, measured on a sample of the selective steps and timed apart.
+        init_args = {
+            **grid.callback_options,
+            "selector": selector,
+            "keep": keep,
+            "seed": seed + offset * SEED_STRIDE,
+            "track_grad_error": True,
+            "grad_error_every": grid.grad_error_every,
+        }
         callback = {"class_path": "lightning_sbp.SelectiveBackprop", "init_args": init_args}
         args.append(f"--trainer.callbacks+={json.dumps(callback)}")
     parts = [method.replace(":", "-").replace("=", "-").replace(",", "-")]
@@ -438,6 +494,51 @@ def _make_run(
         parts.append(f"lr{lr:g}")
     digest = _digest({"base": fingerprint, "args": args})[:8]
     return Run(method, keep, noise, seed, lr, batch, "-".join([*parts, digest]), tuple(args))
+
+
+_GRID_OWNED = ("selector", "keep", "seed", "track_grad_error", "grad_error_every")
+"""Options of the comparison's callbacks that the grid sets for each run, whatever the base configuration says."""
+
+
+def adopt_base_callback(grid: Grid, callbacks: Sequence[Mapping[str, Any]]) -> Grid:
+    """The grid for a base configuration whose ``trainer.callbacks`` hold a ``SelectiveBackprop`` callback.
+
+    The comparison gives every method its own callback, so the base's leaves the configuration:
+    the grid's overrides set ``trainer.callbacks`` to the other callbacks, and the options the
+    base's callback sets away from their defaults (a cheaper scoring pass, a schedule) go to every
+    selective run's callback, except those the grid sets itself (selector, keep, seed, gradient-error
+    tracking). A base without such a callback gives the grid back unchanged.
+
+    Args:
+        grid: the checked grid.
+        callbacks: the base configuration's ``trainer.callbacks``, as ``{class_path, init_args}`` mappings.
+
+    Raises:
+        GridError: when the base configuration has more than one ``SelectiveBackprop`` callback.
+    """
+    import inspect
+
+    from lightning_sbp.callback import SelectiveBackprop
+    from lightning_sbp.cli import is_selective_backprop
+
+    found = [i for i, entry in enumerate(callbacks) if is_selective_backprop(str(entry.get("class_path", "")))]
+    if not found:
+        return grid
+    if len(found) > 1:
+        raise GridError(
+            f"base configuration {str(grid.base)!r} has {len(found)} SelectiveBackprop callbacks "
+            f"(trainer.callbacks{found}); the comparison replaces one by each method's: keep at most one"
+        )
+    defaults = {name: p.default for name, p in inspect.signature(SelectiveBackprop).parameters.items()}
+    given = callbacks[found[0]].get("init_args") or {}
+    options = {
+        key: value
+        for key, value in given.items()
+        if key not in _GRID_OWNED and (key not in defaults or value != defaults[key])
+    }
+    others = [dict(entry) for i, entry in enumerate(callbacks) if i != found[0]]
+    overrides = merge(copy.deepcopy(grid.overrides), {"trainer": {"callbacks": others}})
+    return dataclasses.replace(grid, overrides=overrides, callback_options=options)
 
 
 def _digest(value: Any) -> str:

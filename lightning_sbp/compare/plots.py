@@ -3,7 +3,8 @@
 - ``accuracy_vs_time.png``: the validation metric against training wall-clock time (validation excluded).
 - ``accuracy_vs_examples.png``: the validation metric against examples backpropagated.
 - ``grad_error.png``: per epoch, the mean gradient-approximation error of each selector with the
-  closed-form error of a random subset of the same size (dotted), and their ratio.
+  closed-form error of a random subset of the same size (dotted), and the mean squared ratio of
+  the two, whose expectation is exactly 1 for random selection.
 
 Lines are means over seeds; bands span one standard deviation either side, as the legend beside
 the panels says. The y-axis is fitted to the lines, so one diverged seed's wide band does not flatten the
@@ -116,11 +117,11 @@ def plot_all(
                 _line_with_band(top, epoch_axis, _aligned(epochs, "grad_error"), label, colour)
                 random_mean = [mean for mean, _ in _aligned(epochs, "grad_error_random")]
                 top.plot([x for x, _ in epoch_axis], random_mean, linestyle=":", color=colour, linewidth=1.2)
-                _line_with_band(bottom, epoch_axis, _aligned(epochs, "grad_error_ratio"), label, colour)
+                _line_with_band(bottom, epoch_axis, _aligned(epochs, "grad_error_sq_ratio"), label, colour)
             top.set_title(_noise_title(noise))
             top.set_ylabel("relative gradient error (dotted: random, closed form)")
             bottom.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-            bottom.set_ylabel("error / random error")
+            bottom.set_ylabel("error² / random's expected error²")
             bottom.set_xlabel("epoch")
             bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
             for axis in (top, bottom):

@@ -37,9 +37,14 @@ class Row:
         best_std: its sample standard deviation.
         grad_error: mean ``sbp/grad_error`` over selective steps and seeds (``None`` without selection).
         grad_error_random: mean closed-form error of a random subset of the same size, same steps.
-        grad_error_ratio: mean of the per-step ratio of the two.
+        grad_error_ratio: mean of the per-step ratio of the two (below 1 even for random selection).
+        grad_error_sq_ratio: mean over seeds of each run's mean squared ratio ``e² / r²``, whose
+            expectation is exactly 1 for random selection (see :mod:`~lightning_sbp.compare.squared_ratio`).
+        grad_error_sq_ratio_std: its sample standard deviation over seeds.
         fit_seconds: mean wall-clock time of ``trainer.fit``.
-        train_seconds_mean: mean wall-clock time of the fit without validation.
+        measurement_seconds: mean time the callback spent measuring gradient errors, excluded from
+            the training time (``None`` when not timed).
+        train_seconds_mean: mean wall-clock time of the fit without validation and measurements.
         train_seconds_std: its sample standard deviation.
         speedup: ``full``'s mean training time at the same noise level divided by this row's.
         examples_backpropagated: mean number of examples that went through a backward pass.
@@ -59,7 +64,10 @@ class Row:
     grad_error: float | None = None
     grad_error_random: float | None = None
     grad_error_ratio: float | None = None
+    grad_error_sq_ratio: float | None = None
+    grad_error_sq_ratio_std: float | None = None
     fit_seconds: float | None = None
+    measurement_seconds: float | None = None
     train_seconds_mean: float | None = None
     train_seconds_std: float | None = None
     speedup: float | None = None
@@ -144,7 +152,7 @@ def markdown_table(rows: Sequence[Row], metric: str) -> str:
         f"final {metric}",
         f"best {metric}",
         "grad error",
-        "ratio to random",
+        "error² / random's",
         "train time (s)",
         "speedup",
         "examples backprop",
@@ -160,7 +168,7 @@ def markdown_table(rows: Sequence[Row], metric: str) -> str:
             format_mean_std(row.final_mean, row.final_std, 4),
             format_mean_std(row.best_mean, row.best_std, 4),
             _number(row.grad_error, ".3f"),
-            _number(row.grad_error_ratio, ".3f"),
+            format_mean_std(row.grad_error_sq_ratio, row.grad_error_sq_ratio_std, 3),
             format_mean_std(row.train_seconds_mean, row.train_seconds_std, 1),
             "–" if row.speedup is None else f"{row.speedup:.2f}×",
             _number(row.examples_backpropagated, ",.0f"),
@@ -184,6 +192,7 @@ def _row(key: tuple[Any, ...], records: list[dict[str, Any]]) -> Row:
     final_mean, final_std = _mean_std([r["final"] for r in records])
     best_mean, best_std = _mean_std([r["best"] for r in records])
     train_mean, train_std = _mean_std([r["train_seconds"] for r in records])
+    squared_mean, squared_std = _mean_std([r.get("grad_error_sq_ratio") for r in records])
     return Row(
         label_noise=noise,
         method=method,
@@ -198,7 +207,10 @@ def _row(key: tuple[Any, ...], records: list[dict[str, Any]]) -> Row:
         grad_error=_mean_std([r.get("grad_error") for r in records])[0],
         grad_error_random=_mean_std([r.get("grad_error_random") for r in records])[0],
         grad_error_ratio=_mean_std([r.get("grad_error_ratio") for r in records])[0],
+        grad_error_sq_ratio=squared_mean,
+        grad_error_sq_ratio_std=squared_std,
         fit_seconds=_mean_std([r["fit_seconds"] for r in records])[0],
+        measurement_seconds=_mean_std([r.get("measurement_seconds") for r in records])[0],
         train_seconds_mean=train_mean,
         train_seconds_std=train_std,
         examples_backpropagated=_mean_std([r["examples_backpropagated"] for r in records])[0],

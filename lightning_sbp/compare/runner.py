@@ -57,10 +57,12 @@ from lightning.pytorch.callbacks import Callback
 
 import lightning_sbp
 from lightning_sbp.callback import SelectiveBackprop
-from lightning_sbp.cli import SelectiveBackpropCLI, is_selective_backprop, unknown_argument_summary, wrong_type_summary
+from lightning_sbp.cli import SelectiveBackpropCLI, unknown_argument_summary, wrong_type_summary
 from lightning_sbp.compare.grid import FULL, SMALL_BATCH, Grid, GridError, Run, override_args
 from lightning_sbp.compare.processes import ProcessJob, run_in_processes, starts_processes
+from lightning_sbp.compare.squared_ratio import RatioSums, SquaredRatioLog
 from lightning_sbp.functional.batch import batch_size
+from lightning_sbp.tool_cli import ToolCLI
 
 __all__ = [
     "RECORD_VERSION",
@@ -107,12 +109,14 @@ class BaseInfo:
         lr: the learning rate, when the configuration has one at the grid's ``lr`` key.
         accelerator: ``trainer.accelerator`` when it is a name (``cpu``, ``gpu``, ``auto``...), else ``None``.
         devices: ``trainer.devices`` as given (a count, a list of indices, ``"auto"``...).
+        callbacks: ``trainer.callbacks`` as ``{class_path, init_args}`` mappings.
     """
 
     batch_size: int
     lr: float | None
     accelerator: str | None = None
     devices: Any = None
+    callbacks: tuple[dict[str, Any], ...] = ()
 
 
 class _ParseOnlyCLI(SelectiveBackpropCLI):
@@ -131,8 +135,8 @@ def inspect_base(grid: Grid) -> BaseInfo:
     """Parse the base configuration with the grid's overrides through LightningCLI; build nothing.
 
     Raises:
-        GridError: if the configuration does not parse, holds a ``SelectiveBackprop`` callback
-            already, or has no integer batch size at the grid's ``batch_size`` key.
+        GridError: if the configuration does not parse or has no integer batch size at the grid's
+            ``batch_size`` key.
     """
     with _quiet(), _command_line_hidden():
         try:
@@ -140,14 +144,8 @@ def inspect_base(grid: Grid) -> BaseInfo:
         except (ArgumentError, ValueError, TypeError) as err:
             raise GridError(f"base configuration {str(grid.base)!r}: {_message(err)}") from None
     config = cli.config
-    for position, entry in enumerate(_as_list(config.get("trainer.callbacks"))):
-        class_path = entry.get("class_path") if isinstance(entry, Namespace) else None
-        if isinstance(class_path, str) and is_selective_backprop(class_path):
-            raise GridError(
-                f"base configuration {str(grid.base)!r} already has a SelectiveBackprop callback "
-                f"(trainer.callbacks[{position}]); the comparison adds one per method: use a base without it, "
-                "e.g. examples/configs/digits_full.yaml"
-            )
+    entries = _as_list(config.get("trainer.callbacks"))
+    callbacks = tuple(entry.as_dict() for entry in entries if isinstance(entry, Namespace))
     size = config.get(grid.keys.batch_size)
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise GridError(
@@ -162,6 +160,7 @@ def inspect_base(grid: Grid) -> BaseInfo:
         lr=lr,
         accelerator=accelerator if isinstance(accelerator, str) else None,
         devices=config.get("trainer.devices"),
+        callbacks=callbacks,
     )
 
 
@@ -259,10 +258,12 @@ class RunRecorder(Callback):
     Validation: at the end of every validation (not the sanity check), the value of ``metric`` with
     the training time, optimiser step and examples backpropagated so far. Training time starts
     with the fit loop (starting processes and setting up data and model are not training) and
-    excludes the time spent validating. Gradient errors: at the end of every training epoch, the
-    epoch means the :class:`~lightning_sbp.SelectiveBackprop` callback logged, for epochs that had
-    selective steps. On several devices, times are the slowest rank's and examples the sum over
-    ranks, gathered from every rank at each validation and at the end of the fit.
+    excludes the time spent validating and the time the :class:`~lightning_sbp.SelectiveBackprop`
+    callback spent measuring gradient errors (its ``measurement_seconds``), which only the comparison
+    needs. Gradient errors: at the end of every training epoch, the epoch means the callback logged
+    and the mean squared ratio to random (:mod:`~lightning_sbp.compare.squared_ratio`), for epochs
+    that had selective steps. On several devices, times are the slowest rank's and examples the sum
+    over ranks, gathered from every rank at each validation and at the end of the fit.
 
     Args:
         metric: the validation metric to record.
@@ -276,11 +277,14 @@ class RunRecorder(Callback):
         self.batches_per_epoch: int | None = None
         self.validation_seconds = 0.0
         self.rank_train_seconds: list[float] = []
+        self.rank_measurement_seconds: list[float] = []
         self.rank_examples: list[tuple[int, int]] = []
         self._started = time.perf_counter()
         self._validation_started: float | None = None
         self._selective_at_epoch_start = 0
         self._sbp: SelectiveBackprop | None = None
+        self._ratios: SquaredRatioLog | None = None
+        self.squared_ratios = RatioSums()
 
     def start(self) -> None:
         """Mark the start of the fit (call right before ``trainer.fit``)."""
@@ -295,10 +299,17 @@ class RunRecorder(Callback):
         """Examples that went through a backward pass so far."""
         return self._sbp.examples_backpropagated if self._sbp is not None else self.examples_seen
 
+    def measurement_seconds(self) -> float:
+        """Seconds the callback spent so far on measurements only the comparison needs (0 without a callback)."""
+        return self._sbp.measurement_seconds if self._sbp is not None else 0.0
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Start the clock; find the run's SelectiveBackprop callback, if any."""
+        """Start the clock; find the run's SelectiveBackprop callback, if any, and sum its squared ratios."""
         self._started = time.perf_counter()  # ddp_spawn would otherwise charge starting its processes to training
         self._sbp = next((cb for cb in trainer.callbacks if isinstance(cb, SelectiveBackprop)), None)  # type: ignore[attr-defined]
+        if self._sbp is not None:
+            self._ratios = SquaredRatioLog.following(self._sbp.step_log)
+            self._sbp.step_log = self._ratios
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Note how many batches an epoch has."""
@@ -325,6 +336,10 @@ class RunRecorder(Callback):
             # callback_metrics keeps a key's last value, so an epoch without selective steps would repeat the last one.
             value = trainer.callback_metrics.get(f"sbp/{name}_epoch") if steps > 0 else None
             entry[name] = _float(value)
+        ratios = self._ratios.take() if self._ratios is not None else RatioSums()
+        self.squared_ratios += ratios
+        entry["grad_error_sq_ratio"] = ratios.mean
+        entry["measured_steps"] = ratios.count
         self.epochs.append(entry)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -334,7 +349,7 @@ class RunRecorder(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Stop the validation clock; record the metric unless this was the sanity check."""
         started = self._validation_started if self._validation_started is not None else time.perf_counter()
-        train_seconds = started - self._started - self.validation_seconds
+        train_seconds = started - self._started - self.validation_seconds - self.measurement_seconds()
         self.validation_seconds += time.perf_counter() - started
         self._validation_started = None
         if trainer.sanity_checking:
@@ -351,11 +366,19 @@ class RunRecorder(Callback):
         )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Gather every rank's training time and examples."""
-        seconds, seen, backpropagated = _each_rank(
-            pl_module, [self.elapsed() - self.validation_seconds, self.examples_seen, self.examples_backpropagated()]
+        """Gather every rank's training time, measurement time and examples."""
+        measured = self.measurement_seconds()
+        seconds, measurements, seen, backpropagated = _each_rank(
+            pl_module,
+            [
+                self.elapsed() - self.validation_seconds - measured,
+                measured,
+                self.examples_seen,
+                self.examples_backpropagated(),
+            ],
         )
         self.rank_train_seconds = seconds
+        self.rank_measurement_seconds = measurements
         self.rank_examples = [(int(a), int(b)) for a, b in zip(seen, backpropagated, strict=True)]
 
 
@@ -750,9 +773,10 @@ def _finished_record(grid: Grid, run: Run) -> dict[str, Any] | None:
 
 
 def _scratch_args(directory: str) -> list[str]:
-    """Arguments of a throw-away fit: nothing logged, saved or shown, anything written goes to ``directory``."""
+    """Arguments of a throw-away fit: nothing saved or shown, its log (for callbacks that need one) in ``directory``."""
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": directory}}
     return [
-        "--trainer.logger=false",
+        f"--trainer.logger={json.dumps(logger)}",
         "--trainer.enable_checkpointing=false",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
@@ -762,9 +786,7 @@ def _scratch_args(directory: str) -> list[str]:
 
 def _build_cli(args: list[str]) -> SelectiveBackpropCLI:
     with _command_line_hidden():
-        return SelectiveBackpropCLI(
-            args=args, run=False, save_config_callback=None, parser_kwargs={"exit_on_error": False}
-        )
+        return ToolCLI(args=args, run=False, save_config_callback=None, parser_kwargs={"exit_on_error": False})
 
 
 class _NoBar:
@@ -833,16 +855,22 @@ def _summarise(recorder: RunRecorder, mode: str, fit_seconds: float, optimizer_s
         weighted = [(e[name], e["selective_steps"]) for e in recorder.epochs if e[name] is not None]
         total = sum(steps for _, steps in weighted)
         means[name] = sum(value * steps for value, steps in weighted) / total if total else None
+    # The run's time is its slowest rank's, and so is the measurement time reported beside it.
+    slowest = max(range(len(recorder.rank_train_seconds)), key=recorder.rank_train_seconds.__getitem__)
     return {
         "validation": recorder.validations,
         "epochs": recorder.epochs,
         "final": values[-1] if values else None,
         "best": (max(values) if mode == "max" else min(values)) if values else None,
         **means,
+        "grad_error_sq_ratio": recorder.squared_ratios.mean,
+        "grad_error_sq_ratio_se": recorder.squared_ratios.standard_error,
+        "measured_steps": recorder.squared_ratios.count,
         "selective_steps": selective,
         "fit_seconds": fit_seconds,
         "validation_seconds": recorder.validation_seconds,
-        "train_seconds": max(recorder.rank_train_seconds),
+        "measurement_seconds": recorder.rank_measurement_seconds[slowest],
+        "train_seconds": recorder.rank_train_seconds[slowest],
         "rank_train_seconds": recorder.rank_train_seconds,
         "examples_seen": sum(seen for seen, _ in recorder.rank_examples),
         "examples_backpropagated": sum(backpropagated for _, backpropagated in recorder.rank_examples),

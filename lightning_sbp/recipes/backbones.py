@@ -235,8 +235,8 @@ def wrn28_10(num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0) 
     return WideResNet(28, 10, num_classes=num_classes, in_channels=in_channels, dropout=dropout)
 
 
-def _digits_cnn(num_classes: int = 10, in_channels: int = 1) -> DigitsCNN:
-    return DigitsCNN(num_classes=num_classes, in_channels=in_channels)
+def _digits_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 32) -> DigitsCNN:
+    return DigitsCNN(num_classes=num_classes, in_channels=in_channels, width=width)
 
 
 def _mlp(num_classes: int = 10, in_channels: int = 1, image_size: int = 8) -> MLP:
