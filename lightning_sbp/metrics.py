@@ -24,6 +24,7 @@ __all__ = [
     "ExactGradientError",
     "GradientApproximationError",
     "GradientErrorRatio",
+    "GradientErrorSquaredRatio",
     "RandomSubsetGradientError",
 ]
 
@@ -99,13 +100,28 @@ class RandomSubsetGradientError(_BatchMean):
 class GradientErrorRatio(_BatchMean):
     """The mean over batches of a selector's error divided by random selection's.
 
-    Below 1, the selector's subsets approximate the full-batch gradient better than random
-    subsets of the same size.
+    Biased low as a yardstick: random's error is the root of an expected square, and the mean of a
+    root is below it (Jensen's inequality), so random selection itself averages a little below 1.
+    Compare with random's own ratio, or use :class:`GradientErrorSquaredRatio`.
     """
 
     def update(self, error: Tensor, random_error: Tensor) -> None:
         """Measure one batch from its selector error and its random-subset error."""
         self._add(error.double() / random_error.double(), random_error > 0)
+
+
+class GradientErrorSquaredRatio(_BatchMean):
+    """The mean over batches of a selector's squared error divided by random selection's expected squared error.
+
+    For uniformly random subsets the expectation is exactly 1 on every batch (random's error is the
+    root of that expectation, in closed form), so the mean over any number of batches is an unbiased
+    estimate of 1 for random selection: below 1, a selector's subsets match the full-batch gradient
+    better than random subsets of the same size, in mean square.
+    """
+
+    def update(self, error: Tensor, random_error: Tensor) -> None:
+        """Measure one batch from its selector error and its random-subset error."""
+        self._add(error.double().square() / random_error.double().square(), random_error > 0)
 
 
 class ExactGradientError(_BatchMean):

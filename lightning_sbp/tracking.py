@@ -14,6 +14,7 @@ from lightning_sbp.metrics import (
     ExactGradientError,
     GradientApproximationError,
     GradientErrorRatio,
+    GradientErrorSquaredRatio,
     RandomSubsetGradientError,
 )
 from lightning_sbp.scoring import frozen_running_stats, untouched_rng
@@ -175,7 +176,7 @@ def subset_and_full_gradients(
 
 
 class GradientErrorTracker(torch.nn.Module):
-    """The gradient-error metrics of one fit, updated on every selective step and logged per epoch.
+    """The gradient-error metrics of one fit, updated on the selective steps that measure and logged per epoch.
 
     A module, so that the metrics move to the training device together.
 
@@ -194,6 +195,7 @@ class GradientErrorTracker(torch.nn.Module):
         self.grad_error = GradientApproximationError()
         self.grad_error_random = RandomSubsetGradientError()
         self.grad_error_ratio = GradientErrorRatio()
+        self.grad_error_sq_ratio = GradientErrorSquaredRatio()
         self.grad_error_exact = ExactGradientError()
 
     def measure(
@@ -227,6 +229,7 @@ class GradientErrorTracker(torch.nn.Module):
             values["grad_error"] = error
             values["grad_error_random"] = random_error
             values["grad_error_ratio"] = self.grad_error_ratio(error, random_error)
+            values["grad_error_sq_ratio"] = self.grad_error_sq_ratio(error, random_error)
         if exact is not None:
             values["grad_error_exact"] = self.grad_error_exact(*exact())
         for name in values:

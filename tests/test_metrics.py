@@ -11,7 +11,7 @@ from ddp_models import START_METHOD, random_gram, reduce_worker
 from dispatch import DispatchRecorder
 from helpers import SmallCNN, blobs, loader, trainer
 from lightning.pytorch.loggers import CSVLogger
-from tolerances import assert_within, gamma, replay_tolerance
+from tolerances import assert_within, gamma, mean_tolerance, replay_tolerance
 
 from lightning_sbp import SelectiveBackprop
 from lightning_sbp.functional.grad_error import (
@@ -23,6 +23,7 @@ from lightning_sbp.metrics import (
     ExactGradientError,
     GradientApproximationError,
     GradientErrorRatio,
+    GradientErrorSquaredRatio,
     RandomSubsetGradientError,
 )
 from lightning_sbp.tracking import subset_and_full_gradients
@@ -153,7 +154,7 @@ def test_callback_logs_step_and_epoch_errors_and_the_exact_error(tmp_path: Path)
     trainer(callbacks=[sbp], logger=csv, log_every_n_steps=1, max_epochs=2).fit(SmallCNN(), loader(blobs(64), 16))
     lines = (Path(csv.log_dir) / "metrics.csv").read_text().splitlines()
     header = lines[0].split(",")
-    for name in ("grad_error", "grad_error_random", "grad_error_ratio", "grad_error_exact"):
+    for name in ("grad_error", "grad_error_random", "grad_error_ratio", "grad_error_sq_ratio", "grad_error_exact"):
         assert f"sbp/{name}_step" in header and f"sbp/{name}_epoch" in header
     rows = [dict(zip(header, line.split(","), strict=True)) for line in lines[1:]]
     steps = [r for r in rows if r["sbp/grad_error_step"]]
@@ -162,6 +163,9 @@ def test_callback_logs_step_and_epoch_errors_and_the_exact_error(tmp_path: Path)
     quotients = [float(r["sbp/grad_error_step"]) / float(r["sbp/grad_error_random_step"]) for r in steps]
     # The logged values are float32 and the CSV keeps them to 7 significant digits or more: a few float32 ulps.
     assert ratios == pytest.approx(quotients, rel=gamma(8, torch.float32))
+    squared = [float(r["sbp/grad_error_sq_ratio_step"]) for r in steps]
+    # Squaring doubles the relative error of the quotient.
+    assert squared == pytest.approx([q**2 for q in quotients], rel=2 * gamma(8, torch.float32))
     # measured on every other selective step; Lightning repeats a step value until it is logged again
     exact = [float(r["sbp/grad_error_exact_step"]) for r in steps]
     assert exact[0::2] == exact[1::2] and len(set(exact)) == 4
@@ -192,3 +196,25 @@ def test_tracking_can_be_switched_off() -> None:
 def test_bad_tracking_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SelectiveBackprop(**kwargs)
+
+
+def test_the_squared_ratio_of_random_subsets_averages_exactly_one() -> None:
+    # For uniformly random subsets E[e² | batch] is random's closed form r², so e² / r² has mean 1 on every
+    # batch; the plain ratio e / r averages below 1 (Jensen). 4000 random subsets of several batches.
+    generator = torch.Generator().manual_seed(0)
+    squared, plain = GradientErrorSquaredRatio(), GradientErrorRatio()
+    samples = []
+    for batch in range(8):
+        atoms = torch.randn(24, 6, generator=generator, dtype=torch.float64) + 0.3 * batch
+        gram = atoms @ atoms.T
+        random_error = random_subset_gradient_error(gram, 6)
+        for _ in range(500):
+            indices = torch.randperm(24, generator=generator)[:6]
+            error = subset_gradient_error(gram, indices, torch.ones(6, dtype=torch.float64))
+            samples.append(float((error / random_error) ** 2))
+            squared.update(error, random_error)
+            plain.update(error, random_error)
+    values = torch.tensor(samples, dtype=torch.float64)
+    assert float(squared.compute()) == pytest.approx(float(values.mean()), rel=gamma(len(samples), torch.float64))
+    assert abs(float(squared.compute()) - 1.0) <= mean_tolerance(values)
+    assert float(plain.compute()) < 1.0 - mean_tolerance(values.sqrt())
