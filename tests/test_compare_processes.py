@@ -14,6 +14,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,7 +64,7 @@ def _note_record_writes(event, args):
     if log and event == "os.rename" and str(args[1]).endswith("record.json"):
         run_id = os.path.basename(os.path.dirname(args[1]))
         with open(log, "a") as file:
-            file.write(f"{os.getpid()} {os.environ.get('LOCAL_RANK', '-')} {run_id}\\n")
+            file.write(f"{os.getpid()} {os.environ.get('LOCAL_RANK', '-')} {run_id} {args[1]}\\n")
 
 
 sys.addaudithook(_note_record_writes)
@@ -77,9 +78,14 @@ class RecordWrites:
         self.folder = folder
         self.log = folder / "writes.txt"
 
-    def of(self, run_id: str) -> list[tuple[int, str]]:
+    def of(self, run_id: str, output: Path | None = None) -> list[tuple[int, str]]:
+        """The writes of ``run_id``'s record, under ``output`` only when given (other tests train the same cell)."""
         lines = self.log.read_text().splitlines() if self.log.exists() else []
-        return [(int(pid), rank) for pid, rank, run in (line.split() for line in lines) if run == run_id]
+        return [
+            (int(pid), rank)
+            for pid, rank, run, path in (line.split(maxsplit=3) for line in lines)
+            if run == run_id and (output is None or Path(path).is_relative_to(output))
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +129,7 @@ def test_ddp_cells_train_in_their_own_processes_and_rank_zero_writes_their_recor
     examples = training_examples()
     assert full["examples_seen"] == full["examples_backpropagated"] == examples  # both ranks', not rank zero's
     assert full["optimizer_steps"] == math.ceil(examples / 2 / 64)
-    [(pid, rank)] = writes.of(full["run_id"])
+    [(pid, rank)] = writes.of(full["run_id"], output)
     assert pid != os.getpid() and rank == "0"
 
     failed = found["random"]
@@ -132,15 +138,20 @@ def test_ddp_cells_train_in_their_own_processes_and_rank_zero_writes_their_recor
     run_dir = output / "runs" / failed["run_id"]
     assert "in on_train_batch_start" in (run_dir / "error.txt").read_text()
     assert FAILURE in (run_dir / "output.log").read_text()
-    assert writes.of(failed["run_id"]) == [(os.getpid(), "-")]  # rank zero was stopped: the launcher records it
+    assert writes.of(failed["run_id"], output) == [(os.getpid(), "-")]  # rank zero was stopped: the launcher records it
     with (output / "summary.csv").open() as table:
         assert [row["method"] for row in csv.DictReader(table)] == ["full"]
 
 
 def test_resuming_trains_only_the_cells_without_a_finished_record(
-    in_process: tuple[Path, int, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    in_process: tuple[Path, int, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    output, _, _ = in_process
+    # A copy of the grid's output: the other tests read the fixture's records, in any order.
+    output = tmp_path / "out"
+    shutil.copytree(in_process[0], output)
     trained: list[str] = []
 
     def refuse_to_start(job: ProcessJob, log: Path, threads: int | None, world_size: int) -> RankFailure:
@@ -168,13 +179,13 @@ def test_ddp_spawn_cells_with_cell(tmp_path: Path, writes: RecordWrites, capsys:
     steps = math.ceil(training_examples() / 2 / 64)
     assert small["optimizer_steps"] == steps and small["examples_seen"] == 2 * steps * 32
     assert f"limit_train_batches: {steps}\n" in (output / "runs" / small["run_id"] / "config.yaml").read_text()
-    [(pid, rank)] = writes.of(small["run_id"])  # written in the spawned rank zero
+    [(pid, rank)] = writes.of(small["run_id"], output)  # written in the spawned rank zero
     assert pid != os.getpid() and rank == "0"
 
     capsys.readouterr()
     assert compare([*args, "--cell", "0"]) == 0
     assert "has finished already" in capsys.readouterr().out
-    assert writes.of(small["run_id"]) == [(pid, rank)]
+    assert writes.of(small["run_id"], output) == [(pid, rank)]
 
 
 @pytest.fixture(scope="module")
