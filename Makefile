@@ -27,8 +27,10 @@ NUMERIC_TESTS := tests/test_functional_*.py tests/test_metrics.py tests/test_sel
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_FLAGS)
 
+# The training run of test_omp_weights compares accuracies, not arithmetic; at two threads it only waits on them.
 test-threads: $(STAMP)
-	SBP_TEST_THREADS=2 $(BIN)/python -m pytest $(PYTEST_FLAGS) $(NUMERIC_TESTS)
+	SBP_TEST_THREADS=2 $(BIN)/python -m pytest $(PYTEST_FLAGS) $(NUMERIC_TESTS) \
+		--deselect tests/test_omp_weights.py::test_default_omp_keeps_up_with_uniform_weights_on_a_noisy_binary_task
 
 # The demo from a built wheel in a fresh virtual environment (about half a minute; left out of `make test`).
 test-packaging: $(STAMP)
@@ -40,8 +42,10 @@ FLOOR_VENV := .venv-floor
 FLOOR_STAMP := $(FLOOR_VENV)/.installed
 FLOOR_PINS := lightning==2.3.0 torchmetrics==1.0.0 'jsonargparse[signatures]==4.27.7' 'setuptools<81'
 FLOOR_TOOLS := pytest pytest-randomly scikit-learn scipy tensorboard
-FLOOR_TESTS := tests/test_callback.py tests/test_selectors.py tests/test_functional_*.py tests/test_metrics.py \
-	tests/test_schedule.py tests/test_imports.py tests/test_selection_step.py tests/test_mixed_precision.py
+# The tests of what touches lightning, torchmetrics and jsonargparse; the pure tensor code (functional, selectors)
+# runs on the same torch in both environments, so the main run covers it.
+FLOOR_TESTS := tests/test_callback.py tests/test_metrics.py tests/test_mixin.py tests/test_schedule.py \
+	tests/test_imports.py tests/test_selection_step.py tests/test_mixed_precision.py
 
 $(FLOOR_STAMP): pyproject.toml
 	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
