@@ -14,7 +14,7 @@ host-device synchronisation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,12 +23,22 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_sbp.functional.loss import (
+    IGNORE_INDEX,
     per_example_binary_cross_entropy,
     per_example_cross_entropy,
+    per_example_next_token_cross_entropy,
     per_example_squared_error,
 )
 
-__all__ = ["DefaultLoss", "LossChoice", "NoDefaultLoss", "choose_loss", "describe_targets"]
+__all__ = [
+    "NEXT_TOKEN",
+    "DefaultLoss",
+    "LossChoice",
+    "NoDefaultLoss",
+    "choose_loss",
+    "describe_targets",
+    "labels_are_the_inputs",
+]
 
 
 class NoDefaultLoss(ValueError):
@@ -58,6 +68,31 @@ class LossChoice:
     name: str
     reason: str
     inferred: bool = True
+
+
+NEXT_TOKEN = LossChoice(
+    per_example_next_token_cross_entropy,
+    "next-token cross-entropy",
+    "the labels are the batch's input_ids at their own positions and the outputs have one row per position, as "
+    "transformers' causal language models take them (they shift inside their loss): each position is scored "
+    "against the next position's label",
+)
+"""The loss of a causal language model whose labels are its inputs, shifted as transformers shifts them."""
+
+
+def labels_are_the_inputs(batch: Any, outputs: Tensor, targets: Any) -> bool:
+    """Whether a dict batch's targets are its ``input_ids`` (``-100`` aside) for per-position outputs ``[N, T, C]``.
+
+    That is how transformers' causal language models take their labels; scored at their own positions, every
+    position would predict the token it reads. Reads the batch on the host: call it once.
+    """
+    inputs = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor) or outputs.dim() != 3:
+        return False
+    if targets.shape != inputs.shape or targets.is_floating_point():
+        return False
+    labelled = targets != IGNORE_INDEX
+    return bool(((targets == inputs) | ~labelled).all() & labelled.any())
 
 
 def choose_loss(outputs: Tensor, targets: Any) -> LossChoice:
@@ -190,11 +225,18 @@ class DefaultLoss:
             except NoDefaultLoss as error:
                 raise NoDefaultLoss(error.reason, self.option) from None
             if self.choice.inferred:
-                rank_zero_info(
-                    f"{self.subject} {self.choice.name} of each example: {self.choice.reason}. "
-                    f"Set another with {self.option}."
-                )
+                self._announce(self.choice)
         return self.choice.loss_fn(outputs, targets)
+
+    def choose(self, choice: LossChoice) -> None:
+        """Take ``choice`` instead of what the targets alone would pick, and say so once (before the first call)."""
+        self.choice = choice
+        self._announce(choice)
+
+    def _announce(self, choice: LossChoice) -> None:
+        rank_zero_info(
+            f"{self.subject} {choice.name} of each example: {choice.reason}. Set another with {self.option}."
+        )
 
     @property
     def name(self) -> str:

@@ -241,6 +241,13 @@ def verdict(profile: Profile) -> str:
             f"the scoring pass and {profile.overhead_share:.0%} of it is fixed overhead, so even a tiny keep "
             f"would be at most {profile.ceiling_speedup:.2f}× faster."
         )
+    if best.measured_speedup < 1.0:
+        return (
+            f"Selective Backprop did not save time in these fits: at best {best.measured_speedup:.2f}× (keep "
+            f"{best.keep:g}), slower than a full step, although the cost model puts break-even at keep ≈ "
+            f"{profile.break_even_keep:.2f}; a step's fixed overhead or a busy machine (see the load line) can "
+            "explain the gap: profile again before deciding."
+        )
     return (
         f"Selective Backprop barely pays off on this model: at best {best.measured_speedup:.2f}× "
         f"(keep {best.keep:g}); it breaks even only below keep ≈ {profile.break_even_keep:.2f}."
@@ -289,8 +296,10 @@ def _load_line(profile: Profile) -> list[str]:
     if profile.cpus and high > profile.cpus:
         line += (
             "; the machine was busier than its CPUs, so step times are noisy and the ratios may be off: profile "
-            "again on a quieter machine, or with --threads 1"
+            "again on a quieter machine"
         )
+        if torch.get_num_threads() > 1:
+            line += ", or with --threads 1"
     return [line + "."]
 
 

@@ -17,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from lightning_sbp.batches import INPUT_KEYS, LABEL_KEYS, BatchAdapter, default_forward, defines_forward
-from lightning_sbp.default_loss import DefaultLoss, NoDefaultLoss, describe_targets
+from lightning_sbp.default_loss import NEXT_TOKEN, DefaultLoss, NoDefaultLoss, describe_targets, labels_are_the_inputs
 from lightning_sbp.functional._inputs import DEFAULT_CHUNK_ELEMENTS, autocast_off, row_blocks
 from lightning_sbp.mixin import SelectiveBackpropMixin
 from lightning_sbp.selectors.base import Scores
@@ -230,6 +230,7 @@ class LastLayerCapture:
     name: str
     features: Tensor | None = field(default=None, init=False)
     outputs: Tensor | None = field(default=None, init=False)
+    verified: bool = field(default=False, init=False)
 
     @contextmanager
     def armed(self) -> Iterator[LastLayerCapture]:
@@ -261,6 +262,17 @@ class LastLayerCapture:
                 "the outputs with SelectiveBackprop(last_layer=...)"
             )
         outputs = self.outputs.squeeze(-1) if logits.dim() == 1 and self.outputs.dim() == 2 else self.outputs
+        pooled = outputs.dim() == logits.dim() + 1 and outputs.shape[0] == logits.shape[0]
+        if pooled and outputs.shape[-1] == logits.shape[-1]:
+            raise ScoringError(
+                f"the output of {self.name!r} has shape {tuple(self.outputs.shape)}, one row per position, and the "
+                f"model pools it into the outputs the loss reads, of shape {tuple(logits.shape)} (as decoder "
+                "classifiers do, reading the last token's row): no layer produces those outputs, so their "
+                "last-layer gradients have no closed form. To fix it, with SelectiveBackpropMixin override "
+                "sbp_forward to return the layer's per-position outputs and targets of shape [N, T] that are -100 "
+                "except at the pooled position (the same loss); or, with a selector that reads losses only (random, "
+                "topk, loss), set track_grad_error=False"
+            )
         if outputs.shape != logits.shape or self.features.dim() != as_columns(logits).dim() or logits.dim() > 3:
             layout = (
                 f"the output of {self.name!r} has shape {tuple(self.outputs.shape)} and its input "
@@ -279,7 +291,32 @@ class LastLayerCapture:
                 f"{layout}. To fix it, {fix}; or, with a selector that reads losses only (random, topk, loss), set "
                 "track_grad_error=False"
             )
+        if not self.verified:
+            self._verify(outputs, logits)
         return self.features
+
+    def _verify(self, outputs: Tensor, logits: Tensor) -> None:
+        """Check, once per fit, that the loss reads the layer's output itself, not a function of it.
+
+        The same memory is the common case and costs nothing. Otherwise (a model that returns
+        ``logits.float()`` under mixed precision, say) equal values pass too; comparing them reads the
+        device once, on the first scoring pass only. A soft cap, a temperature, or another ``nn.Linear`` of the
+        same shape running after this one would make every last-layer gradient wrong without a word.
+
+        Raises:
+            ScoringError: if the outputs the loss reads are not the layer's.
+        """
+        same = outputs.data_ptr() == logits.data_ptr() and outputs.stride() == logits.stride()
+        if not same and not torch.equal(outputs.to(logits.dtype), logits):
+            raise ScoringError(
+                f"the outputs the loss reads are not those of {self.name!r}, the layer whose gradients selectors and "
+                "metrics read: the model changes them after it (an activation, a scale or temperature, a soft cap), "
+                "or another layer of the same shape runs after it. Last-layer gradients need the layer whose output "
+                "the loss reads as it is. To fix it, name that layer with SelectiveBackprop(last_layer=...), or "
+                "return the layer's output unchanged (in forward, or in sbp_forward with SelectiveBackpropMixin); "
+                "or, with a selector that reads losses only (random, topk, loss), set track_grad_error=False"
+            )
+        self.verified = True
 
 
 def as_columns(logits: Tensor) -> Tensor:
@@ -544,6 +581,10 @@ class Scorer:
             if not default_forward_used:
                 raise
             raise ScoringError(_cannot_read(pl_module, batch, error)) from None
+        if self._loss_by_default(pl_module) and labels_are_the_inputs(batch, logits, targets):
+            if isinstance(pl_module, SelectiveBackpropMixin):
+                raise ScoringError(_unshifted_labels(pl_module))
+            self.default_loss.choose(NEXT_TOKEN)
         try:
             losses = loss_fn(logits, targets).detach().float()
         except torch.OutOfMemoryError:
@@ -605,6 +646,19 @@ class Scorer:
 
 _READING_ERRORS = (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError)
 """What a forward or a loss raises on a batch or targets it cannot read."""
+
+
+def _unshifted_labels(pl_module: pl.LightningModule) -> str:
+    """One paragraph: a mixin module's default loss would score (and train) a causal LM's labels unshifted."""
+    name = type(pl_module).__name__
+    return (
+        f"{name}'s batch holds labels equal to its input_ids and its outputs have one row per position: the labels "
+        "of a causal language model, which transformers shifts inside its loss. SelectiveBackpropMixin's default "
+        f"sbp_loss would score every position against the token it reads, and {name}'s training_step, if it "
+        "reduces sbp_loss, would train on that too. To fix it, override sbp_loss with the next-token loss: "
+        "`def sbp_loss(self, logits, targets): return "
+        "lightning_sbp.functional.per_example_next_token_cross_entropy(logits, targets)`"
+    )
 
 
 def _default_loss(module: str) -> DefaultLoss:

@@ -205,8 +205,9 @@ class SelectionStep:
             return self.scorer.forward(pl_module, batch)
         except ScoringError as error:
             self.tracker = None
+            reason = str(error).rstrip(".")
             rank_zero_warn(
-                f"SelectiveBackprop does not track gradient errors, which need a scoring pass: {error} "
+                f"SelectiveBackprop does not track gradient errors, which need a scoring pass: {reason}. "
                 f"{type(self.selector).__name__} itself reads no score, so training goes on."
             )
             return None

@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import pytest
 from helpers import compare
 
-from lightning_sbp.compare import FULL, SMALL_BATCH, Grid, GridError, expand
+from lightning_sbp.compare import FULL, SMALL_BATCH, Grid, GridError, command, expand
 from lightning_sbp.compare.report import format_mean_std
 from lightning_sbp.compare.runner import RunRecorder
 
@@ -420,3 +420,13 @@ def test_variants_on_the_command_line(tmp_path: Path, counts: Counts, capsys: py
     out = capsys.readouterr().out
     assert "2 runs" in out and "omp-weights-raw-keep0.5" in out
     assert counts.fits == fits
+
+
+@pytest.mark.parametrize(("load", "warned"), [(1.5, False), (3.5, True)])
+def test_the_summary_warns_when_the_runs_competed_for_the_cpus(load: float, warned: bool) -> None:
+    base = str(Path(__file__).resolve().parents[1] / "examples" / "configs" / "digits_full.yaml")
+    grid = Grid.from_values({"base": base, "output": "unused", "methods": ["full"], "keep": [0.5]})
+    records = [{"load_average": [1.0, load], "cpus": 2}]
+    text = command._summary_document(grid, "", records, [], [], tuned=False)
+    assert "load average during the runs: 1.0 to " in text
+    assert ("busier than its CPUs" in text) == warned

@@ -18,6 +18,7 @@ from helpers import MixinRegressor, Regressor, loader, regression_data, sequence
 from lightning.pytorch.demos import LightningTransformer
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from lightning.pytorch.demos.boring_classes import Net as DemoNet
+from tolerances import gamma
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
@@ -158,6 +159,48 @@ def test_gpt2_language_model_scores_token_level_logits() -> None:
     assert model.seen == [4, 4]
     assert not [w for w in record if "does not track gradient errors" in str(w.message)]
     assert model.trainer.callback_metrics["sbp/grad_error_ratio_epoch"].isfinite()
+
+
+def test_a_causal_lm_whose_labels_are_its_inputs_is_scored_on_the_next_token() -> None:
+    # transformers' causal LMs take labels = input_ids and shift inside their loss; scored at their own positions,
+    # every position would predict the token it reads. The scoring pass shifts them the same way.
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=40, n_positions=16, n_embd=32, n_layer=1, n_head=2, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
+    )
+    torch.manual_seed(0)
+    model = Wrapped(transformers.GPT2LMHeadModel(config))
+    data = TokenDicts(per_token=True)
+    first = next(iter(loader(data, 8)))
+    with torch.no_grad():
+        expected = float(model(**first).loss)  # the model's own, shifted loss, before any step
+    t = trainer(callbacks=[SelectiveBackprop("loss", keep=0.5)], max_steps=1, log_every_n_steps=1)
+    t.fit(model, loader(data, 8))
+    # Every sequence has the same length: the mean of per-sequence means is the mean over tokens. Both are
+    # float32 sums of 8 * 5 token losses of a few units each.
+    assert float(t.callback_metrics["sbp/full_loss"]) == pytest.approx(expected, rel=gamma(8 * 5, torch.float32) * 4)
+
+
+class NextTokenMixin(SelectiveBackpropMixin, pl.LightningModule):
+    """A mixin module around a causal LM that keeps the mixin's default loss."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: Tensor) -> Tensor:
+        return self.model(**inputs).logits
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_a_mixin_causal_lm_with_unshifted_labels_stops_with_the_loss_to_use() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    model = NextTokenMixin(transformers.GPT2LMHeadModel(config))
+    with pytest.raises(ScoringError, match="per_example_next_token_cross_entropy"):
+        fit(model, TokenDicts(per_token=True), 8, SelectiveBackprop("omp", keep=0.5))
 
 
 class LargestGrad(Selector):
@@ -613,3 +656,39 @@ def test_lightning_demo_net_is_scored_by_its_negative_log_likelihood(precision: 
     sbp = SelectiveBackprop("topk", keep=0.5, score_mode="eval")
     fit_audited(LightningDemoNet(), digit_dicts(), sbp, audit, precision)
     audit.assert_kept_the_largest(8, RANK_RTOL[precision])
+
+
+# ---------------------------------------------------------------- batches with raw strings
+
+
+class Texts(Dataset):
+    """Raw texts and labels: the loader collates the texts into a list of strings."""
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"text": "ab" * (i % 4 + 1), "label": i % 2}
+
+
+class TokenizesInItsStep(pl.LightningModule):
+    """Featurises its texts in training_step, as modules that tokenise on the fly do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(1, 2)
+        self.pairs: list[tuple[int, int]] = []
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        self.pairs.append((len(batch["text"]), int(batch["label"].shape[0])))
+        lengths = torch.tensor([[float(len(text))] for text in batch["text"]])
+        return F.cross_entropy(self.head(lengths), batch["label"])
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_list_of_strings_in_the_batch_is_subset_with_the_tensors() -> None:
+    model = TokenizesInItsStep()
+    fit(model, Texts(), 8, SelectiveBackprop("random", keep=0.25, track_grad_error=False))
+    assert model.pairs == [(2, 2), (2, 2)]

@@ -39,3 +39,18 @@ def test_batch_size_reads_the_first_batched_tensor() -> None:
     assert batch_size([torch.zeros(3, 1), torch.zeros(3)]) == 3
     with pytest.raises(TypeError, match="override"):
         batch_size({"text": ["a", "b"]})
+
+
+def test_lists_of_one_plain_value_per_example_are_indexed_with_the_rows() -> None:
+    # default_collate turns per-example strings (file paths, raw texts) into a list of N strings.
+    batch = {
+        "text": ["a", "b", "c", "d"],
+        "ids": (10, 11, 12, 13),
+        "pair": (torch.arange(4), torch.arange(4) * 2),
+        "label": torch.tensor([0, 1, 0, 1]),
+        "shape": [8, 8],  # not one per example: another length
+    }
+    picked = index_batch(batch, torch.tensor([3, 1]))
+    assert picked["text"] == ["d", "b"] and picked["ids"] == (13, 11)
+    assert torch.equal(picked["pair"][0], torch.tensor([3, 1])) and torch.equal(picked["pair"][1], torch.tensor([6, 2]))
+    assert torch.equal(picked["label"], torch.tensor([1, 1])) and picked["shape"] == [8, 8]

@@ -93,6 +93,17 @@ def test_verdict_when_the_scoring_pass_eats_the_saving() -> None:
     assert text.rstrip().splitlines()[-1].startswith("Selective Backprop cannot pay off on this model")
 
 
+def test_verdict_when_the_measured_steps_are_slower_than_the_model_predicts() -> None:
+    # The cost model breaks even (scoring and subset steps are cheap) but the measured selective steps took
+    # longer than full ones, as on a busy machine: the verdict says so, it does not call that paying off.
+    ks = {0.25: 16, 0.5: 32}
+    rounds = [RoundTimes(full=10.0, score=3.0, subset={0.25: 2.5, 0.5: 5.0}, selective={0.25: 12.5, 0.5: 14.0})]
+    profile = analyse(rounds, 64, ks)
+    assert profile.break_even_keep is not None and max(r.measured_speedup for r in profile.keeps) < 1
+    last = format_report(profile).rstrip().splitlines()[-1]
+    assert last.startswith("Selective Backprop did not save time in these fits: at best 0.80×")
+
+
 def test_json_rows_hold_one_object_per_keep() -> None:
     batch, ks = 64, {0.25: 16, 0.5: 32}
     rows = json_rows(analyse([known_costs(1e-3, 1e-4, 3e-5, batch, ks)], batch, ks))

@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
+from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_sbp import SelectiveBackprop, SelectiveBackpropMixin
 from lightning_sbp.recipes import DigitsDataModule
 from lightning_sbp.scoring import LastLayerCapture, Scorer, ScoringError
 
@@ -130,7 +132,7 @@ def test_last_layer_capture_errors_name_the_layer_and_the_fix() -> None:
     with pytest.raises(ScoringError, match=r"loss reads have shape \(6,\)") as info:
         capture.take(torch.zeros(6))  # the layer's output reshaped: naming another layer would not help
     assert "last_layer=" not in str(info.value) and "return it as the layer gives it" in str(info.value)
-    assert capture.take(torch.zeros(2, 3)).shape == (2, 4)
+    assert capture.take(capture.outputs).shape == (2, 4)
     assert not layer._forward_hooks, "the hook is removed when disarmed"
 
 
@@ -180,3 +182,121 @@ def test_a_squeezed_head_scores_as_the_same_head_unsqueezed() -> None:
     # subtraction rounds once (half an ulp, 6e-8 relative) and the doubling is exact.
     expected = 2 * (column.logits.double() - y[:, None].double())
     torch.testing.assert_close(squeezed.logit_grads.double(), expected, rtol=1e-6, atol=1e-7)
+
+
+class Heads(SelectiveBackpropMixin, pl.LightningModule):
+    """An MLP classifier whose forward may change its head's output, or run another same-shaped layer after it."""
+
+    def __init__(self, after: str = "none") -> None:
+        super().__init__()
+        self.after = after
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.fc = nn.Linear(16, 3)
+        if after == "aux":
+            self.aux = nn.Linear(8, 3)  # registered last: the default last layer, unless it is named
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.fc(self.body(x))
+        if self.after == "soft cap":
+            return 5 * torch.tanh(logits / 5)
+        if self.after == "aux":
+            self.aux(x)  # a side output, kept aside
+        if self.after == "float":
+            return logits.float()
+        return logits
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit_heads(module: Heads, **options: Any) -> pl.Trainer:
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 8, generator=generator), torch.randint(3, (64,), generator=generator))
+    trainer = _trainer(SelectiveBackprop("omp", keep=0.25, grad_error_every=1, **options))
+    trainer.fit(module, DataLoader(data, batch_size=16))
+    return trainer
+
+
+def _trainer(sbp: SelectiveBackprop) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        callbacks=[sbp],
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("after", "advice"),
+    [("soft cap", "changes them after it"), ("aux", "another layer of the same shape runs after it")],
+)
+def test_a_head_whose_output_the_loss_does_not_read_stops_the_first_step(after: str, advice: str) -> None:
+    with pytest.raises(ScoringError, match=advice):
+        _fit_heads(Heads(after))
+
+
+def test_naming_the_layer_the_loss_reads_measures_its_gradients() -> None:
+    measured = _fit_heads(Heads("aux"), last_layer="fc").callback_metrics["sbp/grad_error_epoch"]
+    assert torch.isfinite(measured) and float(measured) > 0
+
+
+def test_a_copy_of_the_head_s_output_is_accepted() -> None:
+    # Models that return logits.float() give the loss a copy with the layer's values: that is the layer's output.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        capture = LastLayerCapture(nn.Linear(4, 3), "head")
+        with capture.armed():
+            logits = capture.layer(torch.randn(5, 4)).float()
+    assert logits.data_ptr() != capture.outputs.data_ptr()
+    assert capture.take(logits) is capture.features and capture.verified
+    capture.outputs = capture.outputs + 1  # a changed head output is refused before the first check only
+    assert capture.take(logits) is capture.features
+
+
+class PooledHead(SelectiveBackpropMixin, pl.LightningModule):
+    """A decoder classifier's layout: a head at every position, then the last position's row is the output."""
+
+    def __init__(self, pool: bool = True) -> None:
+        super().__init__()
+        self.pool = pool
+        self.embed = nn.Linear(4, 8)
+        self.score = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        per_position = self.score(torch.relu(self.embed(x)))  # [N, T, 2]
+        return per_position[:, -1] if self.pool else per_position
+
+    def sbp_forward(self, batch: Any) -> tuple[Tensor, Tensor]:
+        if self.pool:
+            return super().sbp_forward(batch)
+        # The fix the error names: the per-position outputs, with targets only at the pooled position.
+        x, y = batch[0], batch[1]
+        targets = torch.full(x.shape[:2], -100, dtype=torch.long, device=x.device)
+        targets[:, -1] = y
+        return self(x), targets
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        logits = logits if self.pool else logits[:, -1]
+        return self.sbp_reduce(torch.nn.functional.cross_entropy(logits, y, reduction="none"))
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_head_pooled_after_the_last_layer_stops_with_the_fix_that_works() -> None:
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 5, 4, generator=generator), torch.randint(2, (64,), generator=generator))
+
+    def fit(module: PooledHead) -> pl.Trainer:
+        trainer = _trainer(SelectiveBackprop("omp", keep=0.25, grad_error_every=1))
+        trainer.fit(module, DataLoader(data, batch_size=16))
+        return trainer
+
+    with pytest.raises(ScoringError, match="pools it into the outputs the loss reads"):
+        fit(PooledHead(pool=True))
+    measured = fit(PooledHead(pool=False)).callback_metrics["sbp/grad_error_epoch"]
+    assert torch.isfinite(measured) and float(measured) > 0

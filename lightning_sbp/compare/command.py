@@ -438,10 +438,17 @@ def _summary_document(
     loads = [load for record in records for load in record.get("load_average", []) if load is not None]
     if loads:
         cpus = {int(record["cpus"]) for record in records if record.get("cpus")}
-        lines.append(
+        line = (
             f"1-minute load average during the runs: {min(loads):.1f} to {max(loads):.1f} "
             f"({'/'.join(map(str, sorted(cpus))) or '?'} CPUs); times are comparable only under a steady load."
         )
+        if cpus and max(loads) > min(cpus):
+            line += (
+                " **The machine was busier than its CPUs**: runs competed for them, so the train times and "
+                "speedups below are not to be trusted; run the comparison again on a quieter machine, with "
+                "`--threads` at most the CPUs left free."
+            )
+        lines.append(line)
     sizes = sorted({int(record["world_size"]) for record in records if record.get("world_size")})
     if sizes and sizes != [1]:
         lines.append(

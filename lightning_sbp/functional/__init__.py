@@ -13,6 +13,7 @@ from lightning_sbp.functional.gram import gradient_gram, gradient_norm_bound, la
 from lightning_sbp.functional.loss import (
     per_example_binary_cross_entropy,
     per_example_cross_entropy,
+    per_example_next_token_cross_entropy,
     per_example_squared_error,
 )
 from lightning_sbp.functional.omp import omp_gram
@@ -32,6 +33,7 @@ __all__ = [
     "omp_gram",
     "per_example_binary_cross_entropy",
     "per_example_cross_entropy",
+    "per_example_next_token_cross_entropy",
     "per_example_squared_error",
     "random_subset_gradient_error",
     "relative_gradient_error",

@@ -32,10 +32,13 @@ def batch_size(batch: Any) -> int:
 
 
 def index_batch(batch: Any, indices: Tensor, size: int | None = None) -> Any:
-    """The rows ``indices`` of every tensor in ``batch`` that has ``size`` rows.
+    """The rows ``indices`` of every tensor in ``batch`` that has ``size`` rows, and of every list of ``size`` values.
 
-    Tuples, lists, named tuples and mappings keep their type; other values (strings, scalars,
-    tensors of another length) pass through unchanged.
+    A list or tuple of ``size`` plain values (strings, numbers, ``None``: what ``default_collate`` makes of
+    per-example file paths or raw texts) holds one value per example and is indexed too; taking its items
+    reads the indices on the host, one copy per call. Lists and tuples of tensors are containers, indexed
+    item by item, and keep their type, as named tuples and mappings do; other values (a string, a scalar, a
+    tensor of another length) pass through unchanged.
 
     Args:
         batch: a tensor, or a (nested) tuple, list or mapping holding tensors.
@@ -99,9 +102,28 @@ def _index(value: Any, indices: Tensor, size: int) -> Any:
             return mapping_type(items)
         except TypeError:
             return items
+    if _per_example_values(value, size):
+        rows = indices.tolist()
+        picked = [value[row] for row in rows]
+        return picked if isinstance(value, list) else type(value)(picked)
     if isinstance(value, tuple):
         items_seq = [_index(item, indices, size) for item in value]
         return type(value)(*items_seq) if hasattr(value, "_fields") else type(value)(items_seq)
     if isinstance(value, list):
         return [_index(item, indices, size) for item in value]
     return value
+
+
+def _per_example_values(value: Any, size: int) -> bool:
+    """Whether ``value`` is a list or plain tuple of ``size`` plain values: one per example of the batch."""
+    return (
+        isinstance(value, list | tuple)
+        and not hasattr(value, "_fields")
+        and len(value) == size > 0
+        and all(map(_is_plain, value))
+    )
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether ``value`` is one example's plain value (a string, a number, ``None``), not a container or a tensor."""
+    return value is None or isinstance(value, str | bytes | int | float | complex)

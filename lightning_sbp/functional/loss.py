@@ -12,6 +12,7 @@ __all__ = [
     "IGNORE_INDEX",
     "per_example_binary_cross_entropy",
     "per_example_cross_entropy",
+    "per_example_next_token_cross_entropy",
     "per_example_squared_error",
 ]
 
@@ -51,6 +52,29 @@ def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     per_position = F.cross_entropy(logits.float().movedim(-1, 1), targets, reduction="none", ignore_index=IGNORE_INDEX)
     counted = (targets != IGNORE_INDEX).flatten(1).sum(dim=1)
     return per_position.flatten(1).sum(dim=1) / counted.clamp_min(1)
+
+
+def per_example_next_token_cross_entropy(
+    logits: Tensor, labels: Tensor, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> Tensor:
+    """A causal language model's loss per example: each position's logits against the next position's label.
+
+    ``labels`` are the token ids at their own positions, as transformers' causal language models take them
+    (they shift inside their loss). Here the targets are shifted instead of the logits: position ``t`` is scored
+    against ``labels[:, t + 1]`` and the last position against nothing, so the logits keep their ``[N, T, C]``
+    shape and place, which a head applied at every position (and its last-layer gradients) needs. Each example's
+    loss is the mean over its scored positions, as in :func:`per_example_cross_entropy`.
+
+    Args:
+        logits: ``[N, T, C]``.
+        labels: ``[N, T]`` token ids, ``-100`` at positions without a label.
+        chunk_elements: as in :func:`per_example_cross_entropy`.
+
+    Returns:
+        The losses, shape ``[N]``.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return per_example_cross_entropy(logits, targets, chunk_elements=chunk_elements)
 
 
 def per_example_squared_error(outputs: Tensor, targets: Tensor) -> Tensor:
