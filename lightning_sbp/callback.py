@@ -15,7 +15,7 @@ from torch import Tensor
 from lightning_sbp.batches import BatchAdapter
 from lightning_sbp.distributed import check_private_parameters, check_strategy, gather_rank_states, own_rank_state
 from lightning_sbp.functional.batch import subset_size
-from lightning_sbp.mixin import SelectiveBackpropMixin, subset_weights
+from lightning_sbp.mixin import SelectiveBackpropMixin, default_loss_of, subset_weights
 from lightning_sbp.schedule import Schedule
 from lightning_sbp.score_cache import (
     STORAGE_DTYPES,
@@ -36,7 +36,7 @@ from lightning_sbp.scoring import (
 )
 from lightning_sbp.selection_step import SelectedBatch, SelectionStep
 from lightning_sbp.selectors import Selection, Selector, available_selectors, get_selector
-from lightning_sbp.tracking import StepLog
+from lightning_sbp.tracking import StepLog, loggers_write_this_step
 
 __all__ = ["SelectiveBackprop"]
 
@@ -354,10 +354,18 @@ class SelectiveBackprop(BatchAdapter, Callback):
         """Log the step's timings, and warn, once and without a sync on every step, when losses were not finite."""
         self.step_log.log_timings(pl_module)
         self.step_log.warn_nonfinite(trainer)
+        if loggers_write_this_step(trainer):
+            self._warn_about_later_targets(pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Warn when losses were not finite."""
+        """Warn when losses were not finite, or when later targets contradict the default loss chosen."""
         self.step_log.warn_nonfinite()
+        self._warn_about_later_targets(pl_module)
+
+    def _warn_about_later_targets(self, pl_module: pl.LightningModule) -> None:
+        for loss in (self.scorer.default_loss, default_loss_of(pl_module)):
+            if loss is not None:
+                loss.warn_if_contradicted()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Give the module its own ``training_step`` (and batch-transfer hook) back."""

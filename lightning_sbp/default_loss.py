@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_sbp.functional.loss import (
@@ -62,12 +62,15 @@ class LossChoice:
         name: what the loss is, for messages.
         reason: what of the targets made it the choice, for messages.
         inferred: whether anything but integer class indices decided it (then the choice is worth saying).
+        binary: whether it rests on every target of the first batch being 0 or 1, which later batches may
+            contradict (counts whose first batch held only 0 and 1).
     """
 
     loss_fn: Callable[[Tensor, Tensor], Tensor]
     name: str
     reason: str
     inferred: bool = True
+    binary: bool = False
 
 
 NEXT_TOKEN = LossChoice(
@@ -116,6 +119,7 @@ def choose_loss(outputs: Tensor, targets: Any) -> LossChoice:
                 per_example_binary_cross_entropy,
                 "binary cross-entropy with logits",
                 "the module gives one output per example and every target is 0 or 1, as a binary classifier's logit",
+                binary=True,
             )
         return LossChoice(
             per_example_squared_error,
@@ -132,6 +136,7 @@ def choose_loss(outputs: Tensor, targets: Any) -> LossChoice:
                 "binary cross-entropy with logits",
                 "the targets have the outputs' shape and every value is 0 or 1: multi-hot labels, as a multi-label "
                 "classifier's",
+                binary=True,
             )
         if distributions and outputs.dim() == 2:
             return LossChoice(
@@ -212,6 +217,8 @@ class DefaultLoss:
         self.subject = subject
         self.option = option
         self.choice: LossChoice | None = None
+        self._contradicted: Tensor | None = None
+        self._warned = False
 
     def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Per-example losses ``[N]`` in float32.
@@ -226,7 +233,27 @@ class DefaultLoss:
                 raise NoDefaultLoss(error.reason, self.option) from None
             if self.choice.inferred:
                 self._announce(self.choice)
+        elif self.choice.binary and not self._warned and isinstance(targets, Tensor):
+            # Kept on the device: read only by warn_if_contradicted, on the steps the loggers write.
+            flag = ~_all_binary(targets.detach())
+            self._contradicted = flag if self._contradicted is None else self._contradicted | flag
         return self.choice.loss_fn(outputs, targets)
+
+    def warn_if_contradicted(self) -> None:
+        """Warn once when later targets were not all 0 or 1 although the loss was chosen as if they were.
+
+        Reads a flag kept on the device (one synchronisation): call it where the host reads values anyway.
+        """
+        if self._contradicted is None or self._warned:
+            return
+        contradicted, self._contradicted = bool(self._contradicted), None
+        if contradicted and self.choice is not None:
+            self._warned = True
+            rank_zero_warn(
+                f"{self.subject} {self.choice.name}, chosen because every target of the first batch was 0 or 1, but "
+                "later batches hold other values (counts, say), which that loss does not fit. Set the loss with "
+                f"{self.option}."
+            )
 
     def choose(self, choice: LossChoice) -> None:
         """Take ``choice`` instead of what the targets alone would pick, and say so once (before the first call)."""

@@ -13,7 +13,7 @@ from torch import Tensor
 from lightning_sbp.batches import default_forward, is_lightning_module_class
 from lightning_sbp.default_loss import DefaultLoss
 
-__all__ = ["SelectiveBackpropMixin", "SubsetWeights", "subset_weights"]
+__all__ = ["SelectiveBackpropMixin", "SubsetWeights", "default_loss_of", "subset_weights"]
 
 
 class SelectiveBackpropMixin:
@@ -128,6 +128,12 @@ def _chosen_training_step(cls: type) -> Any:
         if "training_step" in vars(klass):
             return vars(klass)["training_step"]
     return SelectiveBackpropMixin.training_step
+
+
+def default_loss_of(module: object) -> DefaultLoss | None:
+    """The default loss a mixin module's ``sbp_loss`` has chosen, if it has used one."""
+    loss = vars(module).get("_sbp_default_loss")
+    return loss if isinstance(loss, DefaultLoss) else None
 
 
 def _default_loss(module: SelectiveBackpropMixin) -> DefaultLoss:

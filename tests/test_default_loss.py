@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -178,3 +179,29 @@ def test_class_indices_are_not_announced(caplog: pytest.LogCaptureFixture) -> No
         loss(torch.randn(4, 3), torch.randint(3, (4,)))
     assert not [record for record in caplog.records if "Net is scored" in record.getMessage()]
     assert loss.name == "cross-entropy"
+
+
+def test_later_targets_that_are_not_binary_are_said_once_without_reading_the_device_per_step() -> None:
+    # Counts whose first batch held only 0 and 1 are taken for binary labels; later batches tell otherwise.
+    loss = DefaultLoss("Net is scored with the", "loss_fn")
+    outputs = torch.randn(8, 1)
+    loss(outputs, torch.tensor([[0.0], [1.0]] * 4))
+    with DispatchRecorder() as recorder:
+        loss(outputs, torch.tensor([[0.0], [1.0]] * 4))
+        loss(outputs, torch.tensor([[0.0], [3.0]] * 4))
+    assert recorder.host_syncs() == {}, "the evidence is kept on the device until asked for"
+    with pytest.warns(UserWarning, match="later batches hold other values"):
+        loss.warn_if_contradicted()
+    loss(outputs, torch.tensor([[2.0], [3.0]] * 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss.warn_if_contradicted()  # once only
+
+
+def test_binary_targets_that_stay_binary_are_not_contradicted() -> None:
+    loss = DefaultLoss("Net is scored with the", "loss_fn")
+    for _ in range(3):
+        loss(torch.randn(8, 1), torch.tensor([[0.0], [1.0]] * 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss.warn_if_contradicted()
