@@ -140,6 +140,7 @@ class Profile:
         load_average: the machine's 1-minute load average before and after the fits, lowest first
             (``None`` where the system has none).
         cpus: the machine's CPU count.
+        threads: the intra-op threads the fits ran with (``None`` where not recorded).
     """
 
     batch_size: int
@@ -154,6 +155,7 @@ class Profile:
     keeps: list[KeepResult]
     load_average: tuple[float, float] | None = None
     cpus: int | None = None
+    threads: int | None = None
 
 
 def analyse(rounds: Sequence[RoundTimes], batch: int, ks: dict[float, int]) -> Profile:
@@ -298,7 +300,7 @@ def _load_line(profile: Profile) -> list[str]:
             "; the machine was busier than its CPUs, so step times are noisy and the ratios may be off: profile "
             "again on a quieter machine"
         )
-        if torch.get_num_threads() > 1:
+        if profile.threads is not None and profile.threads > 1:
             line += ", or with --threads 1"
     return [line + "."]
 
@@ -622,6 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         analyse(rounds, batch, ks),
         load_average=(min(loads), max(loads)) if loads else None,
         cpus=os.cpu_count(),
+        threads=torch.get_num_threads(),
     )
     print(format_report(profile), end="")
     if args.json:

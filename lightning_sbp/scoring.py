@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -231,6 +232,7 @@ class LastLayerCapture:
     features: Tensor | None = field(default=None, init=False)
     outputs: Tensor | None = field(default=None, init=False)
     verified: bool = field(default=False, init=False)
+    log_probabilities: bool = field(default=False, init=False)
 
     @contextmanager
     def armed(self) -> Iterator[LastLayerCapture]:
@@ -296,27 +298,61 @@ class LastLayerCapture:
         return self.features
 
     def _verify(self, outputs: Tensor, logits: Tensor) -> None:
-        """Check, once per fit, that the loss reads the layer's output itself, not a function of it.
+        """Check, once per fit, that the loss reads the layer's output itself, or its log-probabilities.
 
         The same memory is the common case and costs nothing. Otherwise (a model that returns
-        ``logits.float()`` under mixed precision, say) equal values pass too; comparing them reads the
-        device once, on the first scoring pass only. A soft cap, a temperature, or another ``nn.Linear`` of the
-        same shape running after this one would make every last-layer gradient wrong without a word.
+        ``logits.float()`` under mixed precision, say) equal values pass too, and so do the layer's
+        log-probabilities (``log_softmax`` after the head), through which the gradients are then formed;
+        comparing reads the device once, on the first scoring pass only. A soft cap, a temperature, or another
+        ``nn.Linear`` of the same shape running after this one would make every last-layer gradient wrong
+        without a word.
 
         Raises:
-            ScoringError: if the outputs the loss reads are not the layer's.
+            ScoringError: if the outputs the loss reads are none of these.
         """
         same = outputs.data_ptr() == logits.data_ptr() and outputs.stride() == logits.stride()
-        if not same and not torch.equal(outputs.to(logits.dtype), logits):
-            raise ScoringError(
-                f"the outputs the loss reads are not those of {self.name!r}, the layer whose gradients selectors and "
-                "metrics read: the model changes them after it (an activation, a scale or temperature, a soft cap), "
-                "or another layer of the same shape runs after it. Last-layer gradients need the layer whose output "
-                "the loss reads as it is. To fix it, name that layer with SelectiveBackprop(last_layer=...), or "
-                "return the layer's output unchanged (in forward, or in sbp_forward with SelectiveBackpropMixin); "
-                "or, with a selector that reads losses only (random, topk, loss), set track_grad_error=False"
-            )
-        self.verified = True
+        if same or torch.equal(outputs.to(logits.dtype), logits):
+            self.verified = True
+            return
+        if logits.dim() > 1 and _are_log_probabilities_of(logits, outputs):
+            # log_softmax after the head (PyTorch's MNIST examples, Lightning's demo Net): the loss is a function
+            # of the layer's outputs through it, and the gradients are formed through it too.
+            self.log_probabilities = self.verified = True
+            return
+        raise ScoringError(
+            f"the outputs the loss reads are not those of {self.name!r}, the layer whose gradients selectors and "
+            "metrics read: the model changes them after it (an activation, a scale or temperature, a soft cap), "
+            "or another layer of the same shape runs after it. Last-layer gradients need the layer whose output "
+            "the loss reads as it is (or its log_softmax). To fix it, name that layer with "
+            "SelectiveBackprop(last_layer=...), or return the layer's output unchanged (in forward, or in "
+            "sbp_forward with SelectiveBackpropMixin); or, with a selector that reads losses only (random, topk, "
+            "loss), set track_grad_error=False"
+        )
+
+    def head(self, logits: Tensor, loss_fn: LossFn) -> tuple[Tensor, LossFn] | None:
+        """The layer's outputs and the loss as a function of them, when the model returns log-probabilities of them.
+
+        ``None`` when the model returns the layer's outputs as they are (then the logits are those outputs).
+        """
+        if not self.log_probabilities or self.outputs is None:
+            return None
+
+        def through_log_softmax(outputs: Tensor, targets: Any) -> Tensor:
+            return loss_fn(torch.log_softmax(outputs.float(), dim=-1), targets)
+
+        return self.outputs.reshape(logits.shape), through_log_softmax
+
+
+def _are_log_probabilities_of(logits: Tensor, outputs: Tensor) -> bool:
+    """Whether ``logits`` are ``log_softmax(outputs)`` over the last dimension, to the rounding of their dtype.
+
+    log_softmax subtracts a log-sum-exp of the row from every entry: each result errs by a few roundings of the
+    row's largest magnitude and of ``log C``.
+    """
+    expected = torch.log_softmax(outputs.float(), dim=-1)
+    scale = outputs.float().abs().amax(dim=-1, keepdim=True) + math.log(max(2, outputs.shape[-1]))
+    bound = 8 * torch.finfo(logits.dtype).eps * scale
+    return bool(((logits.float() - expected).abs() <= bound).all())
 
 
 def as_columns(logits: Tensor) -> Tensor:
@@ -367,6 +403,8 @@ class ForwardScores:
         loss_fn: the per-example loss, or ``None`` for a ``score_fn``.
         features: the final linear layer's inputs, when they were captured.
         bias: whether the final linear layer has a bias.
+        head: the final layer's outputs and the per-example loss as a function of them, when the model
+            returns a function of those outputs (log-probabilities); ``None`` when it returns them as they are.
     """
 
     losses: Tensor
@@ -375,6 +413,7 @@ class ForwardScores:
     loss_fn: LossFn | None = None
     features: Tensor | None = None
     bias: bool = True
+    head: tuple[Tensor, LossFn] | None = None
 
     @property
     def has_last_layer(self) -> bool:
@@ -392,7 +431,8 @@ class ForwardScores:
         """
         if self.features is None or self.logits is None or self.loss_fn is None:
             return self.without_last_layer()
-        logit_grads = logit_gradients_by_autograd(self.loss_fn, self.logits, self.targets)
+        outputs, loss_fn = self.head if self.head is not None else (self.logits, self.loss_fn)
+        logit_grads = logit_gradients_by_autograd(loss_fn, outputs, self.targets)
         return Scores(
             losses=self.losses,
             logits=as_columns(self.logits),
@@ -559,9 +599,11 @@ class Scorer:
         if self.score_fn is not None:
             return given
         logits = logits.detach()
-        features = capture.take(logits) if capture is not None else None
-        bias = capture.layer.bias is not None if capture is not None else True
-        return ForwardScores(losses, logits, targets, loss_fn, features, bias)
+        if capture is None:
+            return ForwardScores(losses, logits, targets, loss_fn)
+        features = capture.take(logits)
+        head = capture.head(logits, loss_fn)
+        return ForwardScores(losses, logits, targets, loss_fn, features, capture.layer.bias is not None, head)
 
     def _forward(
         self, pl_module: pl.LightningModule, batch: Any, forward: Forward, loss_fn: LossFn

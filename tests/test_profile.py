@@ -163,5 +163,7 @@ def test_the_report_gives_the_load_and_warns_when_the_machine_was_busy() -> None
     assert "load average" not in format_report(profile)
     calm = format_report(dataclasses.replace(profile, load_average=(0.4, 1.2), cpus=2))
     assert "1-minute load average during the fits: 0.4 to 1.2 on 2 CPUs." in calm and "busier" not in calm
-    busy = format_report(dataclasses.replace(profile, load_average=(1.5, 4.5), cpus=2))
+    busy = format_report(dataclasses.replace(profile, load_average=(1.5, 4.5), cpus=2, threads=2))
     assert "1.5 to 4.5 on 2 CPUs; the machine was busier than its CPUs" in busy and "--threads 1" in busy
+    single = format_report(dataclasses.replace(profile, load_average=(1.5, 4.5), cpus=2, threads=1))
+    assert "busier than its CPUs" in single and "--threads" not in single, "advice the run already follows"

@@ -255,6 +255,39 @@ def test_a_copy_of_the_head_s_output_is_accepted() -> None:
     assert capture.take(logits) is capture.features
 
 
+class LogSoftmaxNet(pl.LightningModule):
+    """Lightning's demo Net and PyTorch's MNIST example: log-probabilities after the head, trained by NLL."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.log_softmax(self.fc(self.body(x)), dim=-1)
+
+
+def test_log_probabilities_after_the_head_give_the_gradients_with_respect_to_the_head() -> None:
+    # With an NLL loss on log_softmax(z), the gradient the last layer sees is softmax(z) - onehot(y); the gradient
+    # with respect to the log-probabilities alone would be -onehot(y), wrong in every entry but the label's.
+    torch.manual_seed(0)
+    model = LogSoftmaxNet()
+    x, y = torch.randn(10, 8), torch.randint(3, (10,))
+    scorer = Scorer(loss_fn=lambda log_p, t: torch.nn.functional.nll_loss(log_p, t, reduction="none"))
+    scorer.capture = LastLayerCapture(model.fc, "fc")
+    scores = scorer.score(model, (x, y))
+    assert scores.logit_grads is not None and scorer.capture.log_probabilities
+    with torch.no_grad():
+        features = model.body(x)
+        head = model.fc(features).double().requires_grad_(True)
+    (reference,) = torch.autograd.grad(
+        torch.nn.functional.nll_loss(torch.log_softmax(head, -1), y, reduction="sum"), head
+    )
+    # Each entry is a float32 softmax (a few roundings of values below 1) less 0 or 1: absolute error ~ 4 eps.
+    torch.testing.assert_close(scores.logit_grads.double(), reference, rtol=0, atol=8 * torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(scores.features, features, rtol=0, atol=0)
+
+
 class PooledHead(SelectiveBackpropMixin, pl.LightningModule):
     """A decoder classifier's layout: a head at every position, then the last position's row is the output."""
 
