@@ -77,8 +77,12 @@ class RecordWrites:
         self.folder = folder
         self.log = folder / "writes.txt"
 
-    def of(self, run_id: str) -> list[tuple[int, str]]:
-        lines = self.log.read_text().splitlines() if self.log.exists() else []
+    def lines(self) -> list[str]:
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+    def of(self, run_id: str, until: int | None = None) -> list[tuple[int, str]]:
+        """The writes of ``run_id``, among the first ``until`` writes (all by default)."""
+        lines = self.lines()[:until]
         return [(int(pid), rank) for pid, rank, run in (line.split() for line in lines) if run == run_id]
 
 
@@ -102,19 +106,21 @@ def training_examples() -> int:
 
 
 @pytest.fixture(scope="module")
-def in_process(tmp_path_factory: pytest.TempPathFactory, writes: RecordWrites) -> tuple[Path, int, str]:
+def in_process(tmp_path_factory: pytest.TempPathFactory, writes: RecordWrites) -> tuple[Path, int, str, int]:
+    """The output, status and error output of a grid run in this process, and the count of writes then."""
     output = tmp_path_factory.mktemp("ddp") / "out"
     capture = tmp_path_factory.mktemp("ddp") / "stderr.txt"
     with capture.open("w") as err, pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "stderr", err)
         status = compare([*grid("ddp", "full", "random"), "--output", str(output)])
-    return output, status, capture.read_text()
+    return output, status, capture.read_text(), len(writes.lines())
 
 
 def test_ddp_cells_train_in_their_own_processes_and_rank_zero_writes_their_records(
-    in_process: tuple[Path, int, str], writes: RecordWrites
+    in_process: tuple[Path, int, str, int], writes: RecordWrites
 ) -> None:
-    output, status, err = in_process
+    # Only the in-process run's writes: the Ray test, whichever order the tests run in, adds its own.
+    output, status, err, written = in_process
     found = records(output)
     assert status == 1 and set(found) == {"full", "random"}
     full = found["full"]
@@ -123,7 +129,7 @@ def test_ddp_cells_train_in_their_own_processes_and_rank_zero_writes_their_recor
     examples = training_examples()
     assert full["examples_seen"] == full["examples_backpropagated"] == examples  # both ranks', not rank zero's
     assert full["optimizer_steps"] == math.ceil(examples / 2 / 64)
-    [(pid, rank)] = writes.of(full["run_id"])
+    [(pid, rank)] = writes.of(full["run_id"], written)
     assert pid != os.getpid() and rank == "0"
 
     failed = found["random"]
@@ -132,15 +138,16 @@ def test_ddp_cells_train_in_their_own_processes_and_rank_zero_writes_their_recor
     run_dir = output / "runs" / failed["run_id"]
     assert "in on_train_batch_start" in (run_dir / "error.txt").read_text()
     assert FAILURE in (run_dir / "output.log").read_text()
-    assert writes.of(failed["run_id"]) == [(os.getpid(), "-")]  # rank zero was stopped: the launcher records it
+    # Rank zero was stopped: the launcher records it.
+    assert writes.of(failed["run_id"], written) == [(os.getpid(), "-")]
     with (output / "summary.csv").open() as table:
         assert [row["method"] for row in csv.DictReader(table)] == ["full"]
 
 
 def test_resuming_trains_only_the_cells_without_a_finished_record(
-    in_process: tuple[Path, int, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    in_process: tuple[Path, int, str, int], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    output, _, _ = in_process
+    output = in_process[0]
     trained: list[str] = []
 
     def refuse_to_start(job: ProcessJob, log: Path, threads: int | None, world_size: int) -> RankFailure:
@@ -190,7 +197,7 @@ def ray_session(writes: RecordWrites) -> Iterator[Any]:
 
 
 def test_ddp_cells_on_ray_train_what_they_train_in_process(
-    ray_session: Any, in_process: tuple[Path, int, str], tmp_path: Path, writes: RecordWrites
+    ray_session: Any, in_process: tuple[Path, int, str, int], tmp_path: Path, writes: RecordWrites
 ) -> None:
     output = tmp_path / "out"
     assert compare([*grid("ddp", "full"), "--output", str(output), "--launcher", "ray"]) == 0
