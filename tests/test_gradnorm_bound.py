@@ -100,6 +100,7 @@ def test_the_floor_design_draws_each_example_with_its_probability_so_the_weights
 
 
 def _weight_rtol(scores: Scores, prob: Tensor, k: int, floor: float) -> Tensor:
+    """The float32 weights' relative bound against the exact design ``prob``; it bounds the probabilities too."""
     features, logit_grads = scores.require_last_layer("test")
     return gradnorm_weight_rtol(prob, k, floor, features.shape[1], logit_grads.shape[1], torch.float32)
 
