@@ -14,6 +14,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,9 +146,14 @@ def test_ddp_cells_train_in_their_own_processes_and_rank_zero_writes_their_recor
 
 
 def test_resuming_trains_only_the_cells_without_a_finished_record(
-    in_process: tuple[Path, int, str, int], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    in_process: tuple[Path, int, str, int],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    output = in_process[0]
+    # A copy: resuming rewrites the failed cell's record, which the other tests read.
+    output = tmp_path / "out"
+    shutil.copytree(in_process[0], output)
     trained: list[str] = []
 
     def refuse_to_start(job: ProcessJob, log: Path, threads: int | None, world_size: int) -> RankFailure:
