@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Callable
 
@@ -10,13 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dispatch import DispatchRecorder
+from tolerances import assert_within, gamma
 from torch import Tensor
 
 from lightning_sbp.default_loss import DefaultLoss, NoDefaultLoss, choose_loss
-
-# The losses are a few float32 operations per output averaged over at most 6 outputs, on values of magnitude
-# at most about 4: their error is a few float32 ulps (1.2e-7) of the loss and of the outputs' magnitude.
-TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 
 
 def squared_error(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -35,6 +33,24 @@ def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
     if targets.is_floating_point() and targets.shape == outputs.shape:
         return -(targets.double() * log_probabilities).sum(-1)
     return -log_probabilities.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+
+
+def loss_tolerance(name: str, outputs: Tensor, targets: Tensor) -> Tensor:
+    """Bound on ``|float32 loss − float64 loss|`` per example, from the terms each loss sums over its ``m`` outputs.
+
+    Squared error: ``m`` rounded squares of rounded differences, positive, so relative to the loss. Binary
+    cross-entropy: per output ``(1 − t) x − log σ(x)``, whose terms are at most ``|x|`` and ``|x| + log 2``, then a
+    mean. Cross-entropy: ``logsumexp(x) − Σ_c t_c x_c`` with ``Σ_c t_c = 1`` (a sum of ``m`` exponentials, its
+    logarithm and ``m`` products), relative to ``2 max|x| + log m``. Doubled: the float64 reference rounds too.
+    """
+    n = outputs.shape[0]
+    x = outputs.double().reshape(n, -1)
+    m = x.shape[1]
+    if name == "squared error":
+        return 2 * gamma(m + 4, torch.float32) * squared_error(outputs, targets)
+    if name.startswith("binary"):
+        return 2 * gamma(m + 6, torch.float32) * (2 * x.abs() + math.log(2)).mean(1)
+    return 2 * gamma(2 * m + 4, torch.float32) * (2 * x.abs().amax(1) + math.log(m))
 
 
 def generator() -> torch.Generator:
@@ -114,7 +130,7 @@ def test_each_rule_picks_its_loss_and_computes_it_per_example(case: str) -> None
     assert choice.name == name
     losses = choice.loss_fn(outputs, targets)
     assert losses.dtype == torch.float32 and losses.shape == (shape[0],)
-    torch.testing.assert_close(losses.double(), reference(outputs, targets), **TOLERANCE)
+    assert_within(losses, reference(outputs, targets), loss_tolerance(name, outputs, targets), case)
     assert losses.std() > 0, "a loss that does not depend on the outputs would rank nothing"
 
 
@@ -163,7 +179,8 @@ def test_the_default_loss_chooses_once_says_so_once_and_then_reads_nothing(caplo
         "targets take values other than 0 and 1, as a regression's. Set another with loss_fn."
     ]
     assert recorder.host_syncs() == {}
-    torch.testing.assert_close(later.double(), squared_error(outputs, targets.clamp(0, 1).round()), **TOLERANCE)
+    binary = targets.clamp(0, 1).round()
+    assert_within(later, squared_error(outputs, binary), loss_tolerance("squared error", outputs, binary), "later")
 
 
 def test_targets_no_rule_fits_name_the_option_that_sets_a_loss() -> None:

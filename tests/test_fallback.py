@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from tolerances import random_squared_error_tolerance, squared_error_tolerance
 from torch import Tensor
 
 from lightning_sbp.selectors import OMPSelector, Scores
@@ -33,21 +34,17 @@ def direct_random_error(gradients: Tensor, k: int) -> float:
     return math.sqrt(float(spread) * (n - k) / (k * (n - 1))) / float(mean.norm())
 
 
-def rounding_slack(gradients: Tensor, indices: Tensor, weights: Tensor, dtype: torch.dtype) -> float:
+def rounding_slack(gradients: Tensor, indices: Tensor, weights: Tensor, length: int, dtype: torch.dtype) -> float:
     """How far, in squared relative error, the function's comparison in ``dtype`` can be off.
 
-    Both sides are quadratic forms summed over at most ``N + k`` terms: each carries an absolute rounding
-    error of about ``(N + k) · eps`` times the sum of the magnitudes of its terms (a safety factor of 4),
-    relative to ``‖ḡ‖²``.
+    The function compares the candidate's squared error with random's, each a form in a Gram matrix whose entries
+    are inner products of ``length`` terms rounded to ``dtype``: each side errs by at most its rounding bound, and
+    so does the float64 reference from the gradients themselves.
     """
-    gradients = gradients.double()
-    n, k = gradients.shape[0], indices.shape[0]
-    mean = gradients.mean(0)
-    subset = (weights.double().unsqueeze(1) * gradients[indices]).sum(0) / k
-    mean_sq = float(mean.square().sum())
-    subset_terms = float(subset.square().sum()) + 2 * abs(float(subset @ mean)) + mean_sq
-    random_terms = (float(gradients.square().sum()) / n + mean_sq) * (n - k) / (k * (n - 1))
-    return 4 * (n + k) * torch.finfo(dtype).eps * (subset_terms + random_terms) / mean_sq
+    gram = gradients.double() @ gradients.double().T
+    eps = torch.finfo(dtype).eps
+    candidate = squared_error_tolerance(gram, indices, weights.double(), length, eps=eps)
+    return candidate + random_squared_error_tolerance(gram, indices.shape[0], length, eps=eps)
 
 
 def test_a_candidate_better_than_random_is_kept_and_a_worse_one_is_not() -> None:
@@ -96,7 +93,7 @@ def test_the_result_is_never_worse_than_random_in_expectation(dtype: torch.dtype
             assert torch.equal(weights, torch.ones(k)) and chosen.unique().numel() == k
         else:
             kept += 1
-            slack = rounding_slack(gradients, chosen, weights, dtype)
+            slack = rounding_slack(gradients, chosen, weights, gradients.shape[1], dtype)
             assert direct_error(gradients, chosen, weights) ** 2 <= direct_random_error(gradients, k) ** 2 + slack
     assert 0 < kept < 100  # both branches were taken
 
@@ -124,7 +121,8 @@ def test_omp_fallbacks_on_cancelling_binary_batches_are_never_worse_than_random(
         )
         if fell_back and not took_random:
             error = direct_error(gradients, selection.indices, selection.weights)
-            slack = rounding_slack(gradients, selection.indices, selection.weights, torch.float32)
+            # The selector's float32 Gram entries are products of inner products of 6 features and 2 logits.
+            slack = rounding_slack(gradients, selection.indices, selection.weights, 6 + 2 + 1, torch.float32)
             assert error**2 <= direct_random_error(gradients, k) ** 2 + slack
         if took_random:
             assert torch.equal(selection.weights, torch.ones(k))

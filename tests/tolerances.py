@@ -21,9 +21,15 @@ __all__ = [
     "assert_within",
     "frequency_tolerance",
     "gamma",
+    "gradient_norm_bound_rtol",
+    "gradnorm_weight_rtol",
+    "inclusion_sum_tolerance",
+    "inclusion_tolerance",
     "mean_tolerance",
+    "random_squared_error_tolerance",
     "replay_tolerance",
     "solve_tolerance",
+    "squared_error_tolerance",
 ]
 
 SIGMAS = 5.0
@@ -130,3 +136,85 @@ def squared_error_tolerance(
     spread = (weights.abs().to(norms.dtype) * norms[indices]).sum() / k + norms.sum() / n
     mean_sq = gram.sum() / n**2
     return float(2 * (n * n + length) * eps * spread**2 / mean_sq)
+
+
+def random_squared_error_tolerance(
+    gram: Tensor, k: int, length: int, norms: Tensor | None = None, eps: float | None = None
+) -> float:
+    """A bound on the rounding error of the squared random-subset error, from either side of a comparison.
+
+    The squared error is ``f (tr(K)/N − 1ᵀK1/N²) / (1ᵀK1/N²)`` with ``f = (N − k) / (k (N − 1))``. As in
+    :func:`squared_error_tolerance`, the trace errs by at most ``(N + length) eps Σ_i ‖g_i‖² / N`` and the mean
+    square by ``(N² + length) eps (Σ_i ‖g_i‖ / N)²``; the quotient adds the result times the relative error of
+    its denominator. ``norms`` and ``eps`` as there.
+    """
+    n = gram.shape[0]
+    if norms is None:
+        norms = gram.diagonal().clamp(min=0).sqrt()
+    if eps is None:
+        eps = torch.finfo(gram.dtype).eps
+    factor = (n - k) / (k * (n - 1))
+    mean_sq = float(gram.double().sum()) / n**2
+    trace_error = (n + length) * eps * float(norms.double().square().sum()) / n
+    mean_error = (n * n + length) * eps * (float(norms.double().sum()) / n) ** 2
+    result = factor * (float(gram.double().diagonal().sum()) / n - mean_sq) / mean_sq
+    return 2 * (factor * (trace_error + mean_error) + abs(result) * mean_error) / mean_sq
+
+
+def gradient_norm_bound_rtol(dim: int, classes: int, dtype: torch.dtype) -> float:
+    """Relative error bound of the gradient-norm bound ``‖p‖ · sqrt(‖h‖² + 1)`` of ``dim`` features, ``classes`` logits.
+
+    Two sums of positive squares (``dim + 1`` and ``classes`` terms, relative ``γ`` of their count, no
+    cancellation), halved by their square roots, then three roundings: the two roots and their product.
+    """
+    return (gamma(dim + 1, dtype) + gamma(classes, dtype)) / 2 + gamma(3, dtype)
+
+
+def inclusion_sum_tolerance(size: int, budget: float, dtype: torch.dtype) -> float:
+    """A bound on ``|Σ_i π_i − budget|`` for the probabilities ``π_i = clamp(c s_i, floor, 1)`` computed in ``dtype``.
+
+    The scale ``c`` is interpolated between totals ``Σ_i clamp(c s_i, floor, 1)`` formed from prefix sums of the
+    ``size`` sorted scores: each total errs by at most ``2 γ_{size+3}`` of itself (a difference of two prefix sums,
+    a product, two additions), the interpolation moves ``c`` by at most ``6 u`` of itself, and each product
+    ``c s_i`` rounds once: ``2 γ_{size+7}`` of the budget in all.
+    """
+    return 2 * gamma(size + 7, dtype) * budget
+
+
+def inclusion_tolerance(
+    prob: Tensor, budget: float, floor: float, dtype: torch.dtype, score_rtol: float = 0.0
+) -> Tensor:
+    """A bound on the error of each ``π_i = clamp(c s_i, floor, 1)`` summing to ``budget``, computed in ``dtype``.
+
+    The design gradnorm draws from, with ``s_i = x_i / max x`` and each ``x_i`` known to a relative ``score_rtol``.
+    The sum's excess (:func:`inclusion_sum_tolerance`) falls on the probabilities strictly between the floor and one,
+    in proportion to them (all of it on one, at most). A score's error moves its probability twice (itself, and
+    through ``c``, which keeps the sum); the division by the maximum rounds once, and so does the product by ``c``.
+
+    Args:
+        prob: ``[N]`` the exact probabilities.
+        budget: their sum.
+        floor: the least probability of a positive score.
+        dtype: the dtype of the computation bounded.
+        score_rtol: the relative error of each ``x_i``.
+
+    Returns:
+        ``[N]`` float64 bounds on ``|computed − prob|``.
+    """
+    prob = prob.double()
+    middle = (prob > floor) & (prob < 1)
+    mass = torch.where(middle, prob, 0.0).sum()
+    share = (prob / mass).clamp(max=1.0) if float(mass) > 0 else torch.ones_like(prob)
+    excess = inclusion_sum_tolerance(prob.shape[0], budget, dtype) * share
+    return excess + (2 * score_rtol + gamma(3, dtype)) * prob
+
+
+def gradnorm_weight_rtol(prob: Tensor, k: int, floor: float, dim: int, classes: int, dtype: torch.dtype) -> Tensor:
+    """Relative bound on gradnorm's weights ``k / (N π_i)`` computed in ``dtype``, against those of the exact ``prob``.
+
+    The probabilities' own error (:func:`inclusion_tolerance`, their scores carrying the error of
+    :func:`gradient_norm_bound_rtol` for ``dim`` features and ``classes`` logits), then three roundings:
+    ``1 / π_i``, its product by ``k`` and the quotient by ``N``. A clamp at the weight bound moves a weight less.
+    """
+    score_rtol = gradient_norm_bound_rtol(dim, classes, dtype)
+    return inclusion_tolerance(prob, k, floor, dtype, score_rtol) / prob.double() + gamma(3, dtype)
