@@ -408,7 +408,7 @@ def _analysis(grid: Grid, rows: list[Any], records: list[dict[str, Any]]) -> str
         _wrap(
             "Each method minus random (same keep and noise) and minus full, seed by seed: mean and 95% Student-t "
             "confidence interval over the seeds (each comparison on its own). Beyond noise: the paired t-test's "
-            f"p-value, adjusted over the table ({correction_name(grid.correction)}), is below 0.05; those "
+            f"p-value, with {correction_name(grid.correction)} over the table, is below 0.05; those "
             "differences are in bold."
         ),
         "",
