@@ -9,17 +9,21 @@ probability distribution, and a regression with several outputs (squared error) 
 a single output, which is 0 whatever the model does, is never chosen.
 
 The choice reads the targets on the host, once, at the first call; every later call applies it without a
-host-device synchronisation.
+host-device synchronisation. Under torch.distributed every process sees its own first batch, so the facts
+the choice rests on are agreed across processes (a value holds only where it holds on every rank, one small
+all-reduce at that call): every rank chooses the same loss, and none stops while the others wait.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_sbp.functional.loss import (
@@ -95,7 +99,8 @@ def labels_are_the_inputs(batch: Any, outputs: Tensor, targets: Any) -> bool:
     if targets.shape != inputs.shape or targets.is_floating_point():
         return False
     labelled = targets != IGNORE_INDEX
-    return bool(((targets == inputs) | ~labelled).all() & labelled.any())
+    same, unlabelled = _on_every_rank(((targets == inputs) | ~labelled).all(), ~labelled.any())
+    return same and not unlabelled
 
 
 def choose_loss(outputs: Tensor, targets: Any) -> LossChoice:
@@ -114,7 +119,8 @@ def choose_loss(outputs: Tensor, targets: Any) -> LossChoice:
         raise NoDefaultLoss(_no_rule(outputs, targets, f"the outputs have {n} rows and the targets {targets.shape[0]}"))
     floating = targets.is_floating_point() or targets.dtype == torch.bool
     if outputs.numel() == n and targets.numel() == n:
-        if bool(_all_binary(targets)):
+        [binary] = _on_every_rank(_all_binary(targets))
+        if binary:
             return LossChoice(
                 per_example_binary_cross_entropy,
                 "binary cross-entropy with logits",
@@ -129,7 +135,7 @@ def choose_loss(outputs: Tensor, targets: Any) -> LossChoice:
     if not floating:
         return LossChoice(per_example_cross_entropy, "cross-entropy", "the targets are class indices", inferred=False)
     if targets.shape == outputs.shape:
-        binary, distributions = torch.stack([_all_binary(targets), _all_distributions(targets)]).tolist()
+        binary, distributions = _on_every_rank(_all_binary(targets), _all_distributions(targets))
         if binary:
             return LossChoice(
                 per_example_binary_cross_entropy,
@@ -150,7 +156,7 @@ def choose_loss(outputs: Tensor, targets: Any) -> LossChoice:
             "squared error",
             "the targets have the outputs' shape and values other than 0 and 1: a regression with several outputs",
         )
-    if targets.shape == outputs.shape[:-1] and bool(_all_class_indices(targets, outputs.shape[-1])):
+    if targets.shape == outputs.shape[:-1] and _on_every_rank(_all_class_indices(targets, outputs.shape[-1]))[0]:
         return LossChoice(
             class_indices_cross_entropy,
             "cross-entropy",
@@ -165,6 +171,19 @@ def choose_loss(outputs: Tensor, targets: Any) -> LossChoice:
             "outputs' shape",
         )
     )
+
+
+def _on_every_rank(*facts: Tensor) -> list[bool]:
+    """Whether each of ``facts`` (boolean scalars) holds on every process; on its own, whether it holds here.
+
+    One all-reduce of the stacked facts under torch.distributed (on their device, which the backend serves),
+    and a read on the host of each. Every process must call it at the same point, as the first batch's choice
+    does.
+    """
+    stacked = torch.stack([fact.reshape(()) for fact in facts]).to(torch.int32)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stacked, op=dist.ReduceOp.MIN)
+    return [bool(value) for value in stacked]
 
 
 def class_indices_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -249,10 +268,13 @@ class DefaultLoss:
         contradicted, self._contradicted = bool(self._contradicted), None
         if contradicted and self.choice is not None:
             self._warned = True
-            rank_zero_warn(
+            # On whichever process saw them: the other ranks' batches may all have been 0 or 1.
+            warnings.warn(
                 f"{self.subject} {self.choice.name}, chosen because every target of the first batch was 0 or 1, but "
                 "later batches hold other values (counts, say), which that loss does not fit. Set the loss with "
-                f"{self.option}."
+                f"{self.option}.",
+                UserWarning,
+                stacklevel=2,
             )
 
     def choose(self, choice: LossChoice) -> None:

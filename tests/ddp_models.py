@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -37,6 +39,16 @@ CLASSES = 3
 START_METHOD = cast(Literal["spawn", "forkserver"], os.environ.get("SBP_TEST_START_METHOD", "forkserver"))
 if START_METHOD == "forkserver":
     multiprocessing.get_context("forkserver").set_forkserver_preload(["lightning_sbp", "ddp_models"])
+
+
+def run_two_processes(worker: Callable[..., None], *args: Any) -> None:
+    """Run ``worker(rank, 2, port, *args)`` in two processes (see ``START_METHOD``) on a free local port."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(worker, args=(2, port, *args), nprocs=2, join=True, start_method=START_METHOD)
 
 
 def points(n: int, seed: int = 0, shift: float = 1.0) -> TensorDataset:
@@ -312,6 +324,31 @@ def reduce_worker(rank: int, world: int, port: int, out: str) -> None:
     for seed in [0, 1] if rank == 0 else [2]:
         metric.update(random_gram(6, seed), torch.tensor([1, 2]), torch.ones(2, dtype=torch.float64))
     torch.save(metric.compute(), Path(out) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def default_loss_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Each rank chooses default losses from first batches that differ between the ranks, and saves the names.
+
+    Rank 0's targets are all 0 or 1 and its labels are its input ids; rank 1's are counts and other labels.
+    Both also choose from targets that are 0 or 1 on both ranks, which must stay binary.
+    """
+    from lightning_sbp.default_loss import choose_loss, labels_are_the_inputs
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    generator = torch.Generator().manual_seed(rank)
+    binary = torch.randint(2, (8,), generator=generator).float()
+    counts = binary if rank == 0 else binary + 2 * torch.randint(3, (8,), generator=generator)
+    inputs = torch.randint(50, (2, 5), generator=generator)
+    labels = inputs if rank == 0 else (inputs + 1) % 50
+    names = {
+        "one output": choose_loss(torch.randn(8), counts).name,
+        "multi-hot": choose_loss(torch.randn(8, 3), counts[:, None].expand(8, 3).contiguous()).name,
+        "binary everywhere": choose_loss(torch.randn(8), binary).name,
+        "shifted labels": labels_are_the_inputs({"input_ids": inputs}, torch.randn(2, 5, 50), labels),
+    }
+    torch.save(names, Path(out) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 

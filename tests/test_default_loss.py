@@ -6,10 +6,12 @@ import logging
 import math
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from ddp_models import default_loss_worker, run_two_processes
 from dispatch import DispatchRecorder
 from tolerances import assert_within, gamma
 from torch import Tensor
@@ -222,3 +224,17 @@ def test_binary_targets_that_stay_binary_are_not_contradicted() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loss.warn_if_contradicted()
+
+
+def test_every_rank_chooses_the_same_loss_from_first_batches_that_differ(tmp_path: Path) -> None:
+    # Rank 0's first batch is all 0 or 1 and its labels are its input ids; rank 1's holds counts and other labels.
+    # Chosen alone, rank 0 would train a binary classifier (and shift its labels) while rank 1 regressed.
+    run_two_processes(default_loss_worker, str(tmp_path))
+    chosen = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert chosen[0] == chosen[1]
+    assert chosen[0] == {
+        "one output": "squared error",
+        "multi-hot": "squared error",
+        "binary everywhere": "binary cross-entropy with logits",
+        "shifted labels": False,
+    }

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from ddp_models import START_METHOD, random_gram, reduce_worker
+from ddp_models import random_gram, reduce_worker, run_two_processes
 from dispatch import DispatchRecorder
 from helpers import SmallCNN, blobs, loader, trainer
 from lightning.pytorch.loggers import CSVLogger
@@ -96,12 +95,7 @@ def test_degenerate_batches_are_skipped_without_host_syncs() -> None:
 
 
 def test_metric_reduces_across_two_processes(tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(reduce_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method=START_METHOD)
+    run_two_processes(reduce_worker, str(tmp_path))
     expected = (
         torch.stack(
             [

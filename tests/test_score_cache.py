@@ -1,10 +1,8 @@
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from ddp_models import START_METHOD, gather_worker, rank_scores
+from ddp_models import gather_worker, rank_scores, run_two_processes
 
 from lightning_sbp.score_cache import ScoreCache
 from lightning_sbp.selectors import Scores
@@ -68,12 +66,7 @@ def test_a_cache_state_from_a_larger_training_set_is_refused() -> None:
 def test_gather_scores_concatenates_every_ranks_batch_in_rank_order(tmp_path: Path, capacity: int | None) -> None:
     # Rank 0 holds 3 examples and rank 1 holds 5: the gather pads and trims, or, with a capacity known to
     # every rank, pads each batch to it in one gather and marks the padding with index -1.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(
-        gather_worker, args=(2, port, str(tmp_path), capacity), nprocs=2, join=True, start_method=START_METHOD
-    )
+    run_two_processes(gather_worker, str(tmp_path), capacity)
     batches = [rank_scores(rank) for rank in range(2)]
     for rank in range(2):
         indices, gathered = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
@@ -92,12 +85,7 @@ def test_gather_scores_concatenates_every_ranks_batch_in_rank_order(tmp_path: Pa
 
 def test_the_gather_sends_only_the_cached_fields_in_their_storage_dtype(tmp_path: Path) -> None:
     storage = "bfloat16"  # the narrowest: an index's 64 bits travel as four of its elements
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(
-        gather_worker, args=(2, port, str(tmp_path), 6, storage), nprocs=2, join=True, start_method=START_METHOD
-    )
+    run_two_processes(gather_worker, str(tmp_path), 6, storage)
     batches = [rank_scores(rank) for rank in range(2)]
     dtype = getattr(torch, storage)
     indices, gathered = torch.load(tmp_path / "rank0.pt", weights_only=False)
