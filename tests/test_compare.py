@@ -430,3 +430,47 @@ def test_the_summary_warns_when_the_runs_competed_for_the_cpus(load: float, warn
     text = command._summary_document(grid, "", records, [], [], tuned=False)
     assert "load average during the runs: 1.0 to " in text
     assert ("busier than its CPUs" in text) == warned
+
+
+def _stale_records(last_validated: int, trained_to: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "run_id": "random-keep0.5-seed0",
+            "status": "finished",
+            "validation": [{"step": 3, "value": 0.5}, {"step": last_validated, "value": 0.6}],
+            "optimizer_steps": trained_to,
+            "batches_per_epoch": 3,
+        }
+    ]
+
+
+@pytest.mark.parametrize(("last_validated", "trained_to"), [(6, 6), (6, 8)])
+def test_the_summary_warns_when_runs_trained_on_after_their_last_validation(
+    last_validated: int, trained_to: int
+) -> None:
+    grid = Grid.from_values({"base": str(BASE), "output": "unused", "methods": ["full"], "keep": [0.5]})
+    records = _stale_records(last_validated, trained_to)
+    sentence = command.stale_validation_sentence(grid, records)
+    text = command._summary_document(grid, "", records, [], [], tuned=False)
+    if trained_to == last_validated:
+        assert sentence == "" and "trained on after their last validation" not in text
+    else:
+        assert f"validated last at optimiser step {last_validated}, trained to step {trained_to}" in sentence
+        assert "an epoch here has 3 batches" in sentence and "trained on after their last validation" in text
+
+
+def test_a_step_budget_off_the_validations_is_said_and_one_before_any_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Three batches an epoch, validated at the end of each: 4 steps end one step after a validation, 2 before any.
+    ends = {}
+    for steps in (4, 2):
+        output = tmp_path / f"steps{steps}"
+        args = [*TINY, "--methods", "random", "--set", f"trainer.max_steps={steps}", "--output", str(output)]
+        ends[steps] = compare(args), capsys.readouterr().err, records(output)["random"]
+    status, err, record = ends[4]
+    assert status == 0 and record["validation"][-1]["step"] == 3 and record["optimizer_steps"] == 4
+    assert "validated last at optimiser step 3, trained to step 4" in " ".join(err.split())
+    status, err, record = ends[2]
+    assert status == 1 and record["status"] == "failed"
+    assert "no validation ran before the fit ended at optimiser step 2" in record["error"]

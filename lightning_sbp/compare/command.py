@@ -42,7 +42,7 @@ from lightning_sbp.compare.runner import (
 )
 from lightning_sbp.compare.significance import compare_rows, reading, significance_tables
 
-__all__ = ["build_parser", "grid_from_args", "main", "measurement_sentence"]
+__all__ = ["build_parser", "grid_from_args", "main", "measurement_sentence", "stale_validation_sentence"]
 
 _EPILOG = """\
 Every run is a real Lightning fit built by LightningCLI from the base configuration, the grid's
@@ -330,6 +330,9 @@ def _summarise_output(grid: Grid, runs: Sequence[Run], records: list[dict[str, A
     if plots:
         print("plots: " + ", ".join(str(path) for path in plots))
     print("\n" + analysis, end="")
+    stale = stale_validation_sentence(grid, records)
+    if stale:
+        sys.stderr.write(textwrap.fill("warning: " + stale.replace("**", ""), width=110) + "\n")
     if missing:
         sys.stderr.write(f"{len(missing)} of {len(runs)} runs have no record yet: {', '.join(missing)}\n")
     if failed:
@@ -377,6 +380,34 @@ def measurement_sentence(grid: Grid, records: list[dict[str, Any]]) -> str:
         f"times: they took {sum(means.values()) / len(means):.0%} of a selective run's time on average "
         f"(most: {largest}, {means[largest]:.0%}). Random selection runs a scoring pass only to measure, so its "
         "train time carries none."
+    )
+
+
+def stale_validation_sentence(grid: Grid, records: list[dict[str, Any]]) -> str:
+    """A warning when runs trained on after their last validation, or ``""``.
+
+    Their final metric is then that of an earlier model than the one their train time and examples describe:
+    a budget in steps (``max_steps``) that does not end on a validation.
+    """
+    stale = [
+        record
+        for record in records
+        if record.get("status") == "finished"
+        and record.get("validation")
+        and record["validation"][-1]["step"] < (record.get("optimizer_steps") or 0)
+    ]
+    if not stale:
+        return ""
+    first = stale[0]
+    last_step, end = first["validation"][-1]["step"], first["optimizer_steps"]
+    per_epoch = first.get("batches_per_epoch")
+    epoch = f" (an epoch here has {per_epoch} batches)" if per_epoch else ""
+    return (
+        f"**{len(stale)} of {len(records)} runs trained on after their last validation** ({first['run_id']}: "
+        f"validated last at optimiser step {last_step}, trained to step {end}): their final and best "
+        f"{grid.metric} are those of an earlier model than their train time and examples describe. End the budget "
+        f"on a validation: `max_epochs` instead of `max_steps`, `max_steps` a multiple of the batches of an "
+        f"epoch{epoch}, or a `val_check_interval` that divides it."
     )
 
 
@@ -459,6 +490,9 @@ def _summary_document(
     measured = measurement_sentence(grid, records)
     if measured:
         lines += [textwrap.fill(measured, width=110), ""]
+    stale = stale_validation_sentence(grid, records)
+    if stale:
+        lines += [textwrap.fill(stale, width=110), ""]
     if failed:
         lines += [f"{len(failed)} runs failed and are left out: " + ", ".join(r["run_id"] for r in failed), ""]
     if missing:

@@ -555,10 +555,19 @@ class _FinishRecord(Callback):
         if self.budget is not None:
             self.config["trainer.limit_train_batches"] = self.budget.batches_per_epoch
             (self.run_dir / "config.yaml").write_text(self.parser.dump(self.config))
-        if not record["validation"] or all(entry["value"] is None for entry in record["validation"]):
+        if not record["validation"]:
             raise ValueError(
-                f"the metric {self.metric!r} was never logged at a validation end; "
-                "set `metric:` in the grid file to a key the model logs during validation"
+                f"no validation ran before the fit ended at optimiser step {trainer.global_step} (validation runs "
+                f"after every {trainer.check_val_every_n_epoch} epoch(s) unless val_check_interval says otherwise), "
+                f"so the run has no {self.metric!r}: give it a budget that reaches a validation (max_epochs, or "
+                "max_steps of at least an epoch), or a val_check_interval within it"
+            )
+        if all(entry["value"] is None for entry in record["validation"]):
+            logged = sorted(key for key in trainer.callback_metrics if not key.startswith(("sbp/", "train")))
+            raise ValueError(
+                f"the metric {self.metric!r} was never logged at a validation end (logged: "
+                f"{', '.join(logged) or 'nothing'}); set `metric:` in the grid file to a key the model logs during "
+                "validation"
             )
         record["status"] = "finished"
         if self.write:
