@@ -6,12 +6,14 @@ its classification heads, refined by the values of the first batch: one output p
 cross-entropy with logits); floating-point targets of the outputs' shape are multi-hot labels (binary
 cross-entropy with logits) when every value is 0 or 1, soft class labels (cross-entropy) when every row is a
 probability distribution, and a regression with several outputs (squared error) otherwise. Cross-entropy on
-a single output, which is 0 whatever the model does, is never chosen.
+a single output, which is 0 whatever the model does, is never chosen, nor cross-entropy on outputs that are
+probabilities (every row non-negative and summing to 1), which it would read as logits.
 
-The choice reads the targets on the host, once, at the first call; every later call applies it without a
-host-device synchronisation. Under torch.distributed every process sees its own first batch, so the facts
-the choice rests on are agreed across processes (a value holds only where it holds on every rank, one small
-all-reduce at that call): every rank chooses the same loss, and none stops while the others wait.
+The choice reads the targets on the host (for class indices, whether the outputs are probabilities rather
+than logits), once, at the first call; every later call applies it without a host-device synchronisation.
+Under torch.distributed every process sees its own first batch, so the facts the choice rests on are agreed
+across processes (a value holds only where it holds on every rank, one small all-reduce at that call): every
+rank chooses the same loss, and none stops while the others wait.
 """
 
 from __future__ import annotations
@@ -106,8 +108,8 @@ def labels_are_the_inputs(batch: Any, outputs: Tensor, targets: Any) -> bool:
 def choose_loss(outputs: Tensor, targets: Any) -> LossChoice:
     """The per-example loss that fits ``targets`` for model outputs ``outputs`` (see the module's rule).
 
-    Integer targets that are not one per example are decided by dtype and shape alone; every other case
-    reads the targets' values on the host.
+    Every case reads values on the host, once: the targets', or, for class indices, the outputs' (to tell
+    logits from probabilities, which cross-entropy would misread).
 
     Raises:
         NoDefaultLoss: when no rule fits, naming the shapes and why.
@@ -133,9 +135,13 @@ def choose_loss(outputs: Tensor, targets: Any) -> LossChoice:
             "the module gives one output per example and its targets take values other than 0 and 1, as a regression's",
         )
     if not floating:
+        if _on_every_rank(_are_probabilities(outputs))[0]:
+            raise NoDefaultLoss(_probabilities(outputs, targets))
         return LossChoice(per_example_cross_entropy, "cross-entropy", "the targets are class indices", inferred=False)
     if targets.shape == outputs.shape:
-        binary, distributions = _on_every_rank(_all_binary(targets), _all_distributions(targets))
+        binary, distributions, probabilities = _on_every_rank(
+            _all_binary(targets), _all_distributions(targets), _are_probabilities(outputs)
+        )
         if binary:
             return LossChoice(
                 per_example_binary_cross_entropy,
@@ -145,6 +151,8 @@ def choose_loss(outputs: Tensor, targets: Any) -> LossChoice:
                 binary=True,
             )
         if distributions and outputs.dim() == 2:
+            if probabilities:
+                raise NoDefaultLoss(_probabilities(outputs, targets))
             return LossChoice(
                 per_example_cross_entropy,
                 "cross-entropy against class probabilities",
@@ -156,7 +164,15 @@ def choose_loss(outputs: Tensor, targets: Any) -> LossChoice:
             "squared error",
             "the targets have the outputs' shape and values other than 0 and 1: a regression with several outputs",
         )
-    if targets.shape == outputs.shape[:-1] and _on_every_rank(_all_class_indices(targets, outputs.shape[-1]))[0]:
+    if targets.shape == outputs.shape[:-1]:
+        indices, probabilities = _on_every_rank(
+            _all_class_indices(targets, outputs.shape[-1]), _are_probabilities(outputs)
+        )
+    else:
+        indices = probabilities = False
+    if indices:
+        if probabilities:
+            raise NoDefaultLoss(_probabilities(outputs, targets))
         return LossChoice(
             class_indices_cross_entropy,
             "cross-entropy",
@@ -201,6 +217,24 @@ def _all_distributions(targets: Tensor) -> Tensor:
     values = targets.float()
     tolerance = torch.finfo(targets.dtype).eps + targets.shape[-1] * torch.finfo(torch.float32).eps
     return (values >= 0).all() & ((values.sum(dim=-1) - 1).abs() <= tolerance).all()
+
+
+def _are_probabilities(outputs: Tensor) -> Tensor:
+    """Whether every row of float outputs over ``C > 1`` classes is a probability distribution (a softmax)."""
+    if not outputs.is_floating_point() or outputs.dim() < 2 or outputs.shape[-1] < 2:
+        return torch.zeros((), dtype=torch.bool, device=outputs.device)
+    return _all_distributions(outputs.detach())
+
+
+def _probabilities(outputs: Tensor, targets: Tensor) -> str:
+    return _no_rule(
+        outputs,
+        targets,
+        "every row of the outputs is non-negative and sums to 1, as probabilities after a softmax are, but "
+        "cross-entropy reads logits and would rank the examples by something else. Return the logits, or their "
+        "log_softmax, from forward (and apply the softmax where probabilities are needed); or give a loss that "
+        "reads probabilities, e.g. lambda p, y: F.nll_loss(p.clamp_min(1e-12).log(), y, reduction='none')",
+    )
 
 
 def _all_class_indices(targets: Tensor, classes: int) -> Tensor:

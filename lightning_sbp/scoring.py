@@ -232,7 +232,7 @@ class LastLayerCapture:
     features: Tensor | None = field(default=None, init=False)
     outputs: Tensor | None = field(default=None, init=False)
     verified: bool = field(default=False, init=False)
-    log_probabilities: bool = field(default=False, init=False)
+    normaliser: Callable[[Tensor], Tensor] | None = field(default=None, init=False)
 
     @contextmanager
     def armed(self) -> Iterator[LastLayerCapture]:
@@ -298,14 +298,14 @@ class LastLayerCapture:
         return self.features
 
     def _verify(self, outputs: Tensor, logits: Tensor) -> None:
-        """Check, once per fit, that the loss reads the layer's output itself, or its log-probabilities.
+        """Check, once per fit, that the loss reads the layer's output itself, or its (log-)probabilities.
 
         The same memory is the common case and costs nothing. Otherwise (a model that returns
         ``logits.float()`` under mixed precision, say) equal values pass too, and so do the layer's
-        log-probabilities (``log_softmax`` after the head), through which the gradients are then formed;
-        comparing reads the device once, on the first scoring pass only. A soft cap, a temperature, or another
-        ``nn.Linear`` of the same shape running after this one would make every last-layer gradient wrong
-        without a word.
+        log-probabilities or probabilities (``log_softmax`` or ``softmax`` after the head), through which the
+        gradients are then formed; comparing reads the device once, on the first scoring pass only. A soft cap, a
+        temperature, or another ``nn.Linear`` of the same shape running after this one would make every
+        last-layer gradient wrong without a word.
 
         Raises:
             ScoringError: if the outputs the loss reads are none of these.
@@ -314,42 +314,59 @@ class LastLayerCapture:
         if same or torch.equal(outputs.to(logits.dtype), logits):
             self.verified = True
             return
-        if logits.dim() > 1 and _are_log_probabilities_of(logits, outputs):
-            # log_softmax after the head (PyTorch's MNIST examples, Lightning's demo Net): the loss is a function
-            # of the layer's outputs through it, and the gradients are formed through it too.
-            self.log_probabilities = self.verified = True
-            return
+        for normaliser in _NORMALISERS:
+            if logits.dim() > 1 and _is_normalised(logits, outputs, normaliser):
+                # log_softmax or softmax after the head (PyTorch's MNIST example, Lightning's demo Net): the loss
+                # is a function of the layer's outputs through it, and the gradients are formed through it too.
+                self.normaliser = normaliser
+                self.verified = True
+                return
         raise ScoringError(
             f"the outputs the loss reads are not those of {self.name!r}, the layer whose gradients selectors and "
             "metrics read: the model changes them after it (an activation, a scale or temperature, a soft cap), "
             "or another layer of the same shape runs after it. Last-layer gradients need the layer whose output "
-            "the loss reads as it is (or its log_softmax). To fix it, name that layer with "
-            "SelectiveBackprop(last_layer=...), or return the layer's output unchanged (in forward, or in "
-            "sbp_forward with SelectiveBackpropMixin); or, with a selector that reads losses only (random, topk, "
-            "loss), set track_grad_error=False"
+            "the loss reads as it is (or its softmax or log_softmax). To fix it: for a function applied after the "
+            "layer, move it into the scoring loss (with SelectiveBackpropMixin, return the layer's output from "
+            "sbp_forward and apply the function in sbp_loss, e.g. cross_entropy(5 * tanh(z / 5), y, "
+            "reduction='none'), so that the examples are scored by the loss the module trains on); for another "
+            "layer that produces the outputs, name it with SelectiveBackprop(last_layer=...); or, with a selector "
+            "that reads losses only (random, topk, loss), set track_grad_error=False"
         )
 
     def head(self, logits: Tensor, loss_fn: LossFn) -> tuple[Tensor, LossFn] | None:
-        """The layer's outputs and the loss as a function of them, when the model returns log-probabilities of them.
+        """The layer's outputs and the loss as a function of them, when the model normalises them after the layer.
 
         ``None`` when the model returns the layer's outputs as they are (then the logits are those outputs).
         """
-        if not self.log_probabilities or self.outputs is None:
+        normaliser = self.normaliser
+        if normaliser is None or self.outputs is None:
             return None
 
-        def through_log_softmax(outputs: Tensor, targets: Any) -> Tensor:
-            return loss_fn(torch.log_softmax(outputs.float(), dim=-1), targets)
+        def through_normaliser(outputs: Tensor, targets: Any) -> Tensor:
+            return loss_fn(normaliser(outputs.float()), targets)
 
-        return self.outputs.reshape(logits.shape), through_log_softmax
+        return self.outputs.reshape(logits.shape), through_normaliser
 
 
-def _are_log_probabilities_of(logits: Tensor, outputs: Tensor) -> bool:
-    """Whether ``logits`` are ``log_softmax(outputs)`` over the last dimension, to the rounding of their dtype.
+def _log_softmax(outputs: Tensor) -> Tensor:
+    return torch.log_softmax(outputs, dim=-1)
 
-    log_softmax subtracts a log-sum-exp of the row from every entry: each result errs by a few roundings of the
-    row's largest magnitude and of ``log C``.
+
+def _softmax(outputs: Tensor) -> Tensor:
+    return torch.softmax(outputs, dim=-1)
+
+
+_NORMALISERS = (_log_softmax, _softmax)
+"""What models apply after their head that the last-layer gradients can be formed through."""
+
+
+def _is_normalised(logits: Tensor, outputs: Tensor, normaliser: Callable[[Tensor], Tensor]) -> bool:
+    """Whether ``logits`` are ``normaliser(outputs)`` over the last dimension, to the rounding of their dtype.
+
+    Both subtract a log-sum-exp of the row from every entry (softmax then exponentiates values at most 0): each
+    result errs by a few roundings of the row's largest magnitude and of ``log C``.
     """
-    expected = torch.log_softmax(outputs.float(), dim=-1)
+    expected = normaliser(outputs.float())
     scale = outputs.float().abs().amax(dim=-1, keepdim=True) + math.log(max(2, outputs.shape[-1]))
     bound = 8 * torch.finfo(logits.dtype).eps * scale
     return bool(((logits.float() - expected).abs() <= bound).all())

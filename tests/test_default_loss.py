@@ -142,15 +142,28 @@ def test_cross_entropy_on_a_single_output_is_never_chosen() -> None:
     assert choose_loss(outputs, targets).name == "squared error"
 
 
-def test_class_indices_are_decided_without_reading_the_device() -> None:
+def test_class_indices_are_decided_with_one_read_of_the_outputs() -> None:
+    # Integer targets are class indices by their dtype; one read tells logits from probabilities.
     outputs, targets = torch.randn(8, 4), torch.randint(4, (8,))
     with DispatchRecorder() as recorder:
         choice = choose_loss(outputs, targets)
     assert choice.name == "cross-entropy" and not choice.inferred
-    assert recorder.host_syncs() == {}
-    with DispatchRecorder() as recorder:
-        choose_loss(torch.randn(8, 1), torch.randn(8, 1))
-    assert recorder.host_syncs(), "the values of floating targets are read: the recorder sees it"
+    assert sum(recorder.host_syncs().values()) == 1
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [torch.randint(4, (8,)), torch.randint(4, (8,)).float(), torch.softmax(torch.randn(8, 4), -1)],
+    ids=["class indices", "float class indices", "soft labels"],
+)
+def test_outputs_that_are_probabilities_are_not_scored_as_logits(targets: Tensor) -> None:
+    logits = torch.randn(8, 4)
+    with pytest.raises(NoDefaultLoss, match="sums to 1, as probabilities after a softmax are") as info:
+        choose_loss(torch.softmax(logits, -1), targets)
+    assert "log_softmax" in str(info.value) and "nll_loss" in str(info.value)
+    # Logits, and log-probabilities (whose cross-entropy is their negative log-likelihood), are scored.
+    assert choose_loss(logits, targets).name.startswith("cross-entropy")
+    assert choose_loss(torch.log_softmax(logits, -1), targets).name.startswith("cross-entropy")
 
 
 @pytest.mark.parametrize(

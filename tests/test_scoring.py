@@ -238,6 +238,38 @@ def test_a_head_whose_output_the_loss_does_not_read_stops_the_first_step(after: 
         _fit_heads(Heads(after))
 
 
+class SoftCapInTheLoss(Heads):
+    """The fix the error names for a soft cap: the layer's output from sbp_forward, the cap inside sbp_loss."""
+
+    def __init__(self) -> None:
+        super().__init__("soft cap")
+
+    def sbp_forward(self, batch: Any) -> tuple[Tensor, Tensor]:
+        return self.fc(self.body(batch[0])), batch[1]
+
+    def sbp_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return torch.nn.functional.cross_entropy(5 * torch.tanh(logits / 5), targets, reduction="none")
+
+
+def test_a_soft_cap_moved_into_the_loss_gives_the_gradients_of_the_capped_loss() -> None:
+    torch.manual_seed(0)
+    model = SoftCapInTheLoss()
+    x, y = torch.randn(10, 8), torch.randint(3, (10,))
+    scorer = Scorer()
+    scorer.capture = LastLayerCapture(model.fc, "fc")
+    scores = scorer.score(model, (x, y))
+    with torch.no_grad():
+        head = model.fc(model.body(x)).double().requires_grad_(True)
+    capped = torch.nn.functional.cross_entropy(5 * torch.tanh(head / 5), y, reduction="sum")
+    (reference,) = torch.autograd.grad(capped, head)
+    # Each entry is (softmax − onehot) times tanh's derivative, values of magnitude at most 1, each a few float32
+    # roundings away (the exponentials, their sum, the division, the tanh): within 16 eps.
+    assert scores.logit_grads is not None
+    torch.testing.assert_close(scores.logit_grads.double(), reference, rtol=0, atol=16 * torch.finfo(torch.float32).eps)
+    measured = _fit_heads(SoftCapInTheLoss()).callback_metrics["sbp/grad_error_epoch"]
+    assert torch.isfinite(measured) and float(measured) > 0
+
+
 def test_naming_the_layer_the_loss_reads_measures_its_gradients() -> None:
     measured = _fit_heads(Heads("aux"), last_layer="fc").callback_metrics["sbp/grad_error_epoch"]
     assert torch.isfinite(measured) and float(measured) > 0
@@ -255,36 +287,51 @@ def test_a_copy_of_the_head_s_output_is_accepted() -> None:
     assert capture.take(logits) is capture.features
 
 
-class LogSoftmaxNet(pl.LightningModule):
-    """Lightning's demo Net and PyTorch's MNIST example: log-probabilities after the head, trained by NLL."""
+class NormalisedNet(pl.LightningModule):
+    """Lightning's demo Net and PyTorch's MNIST example: (log-)probabilities after the head, trained by NLL."""
 
-    def __init__(self) -> None:
+    def __init__(self, normaliser: str) -> None:
         super().__init__()
+        self.normaliser = getattr(torch, normaliser)
         self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
         self.fc = nn.Linear(16, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.log_softmax(self.fc(self.body(x)), dim=-1)
+        return self.normaliser(self.fc(self.body(x)), dim=-1)
 
 
-def test_log_probabilities_after_the_head_give_the_gradients_with_respect_to_the_head() -> None:
+def _nll_of_log_probabilities(log_p: Tensor, targets: Tensor) -> Tensor:
+    return torch.nn.functional.nll_loss(log_p, targets, reduction="none")
+
+
+def _nll_of_probabilities(p: Tensor, targets: Tensor) -> Tensor:
+    return torch.nn.functional.nll_loss(p.log(), targets, reduction="none")
+
+
+@pytest.mark.parametrize(
+    ("normaliser", "loss_fn"), [("log_softmax", _nll_of_log_probabilities), ("softmax", _nll_of_probabilities)]
+)
+def test_probabilities_after_the_head_give_the_gradients_with_respect_to_the_head(
+    normaliser: str, loss_fn: Any
+) -> None:
     # With an NLL loss on log_softmax(z), the gradient the last layer sees is softmax(z) - onehot(y); the gradient
-    # with respect to the log-probabilities alone would be -onehot(y), wrong in every entry but the label's.
+    # with respect to the (log-)probabilities alone would be wrong in every entry.
     torch.manual_seed(0)
-    model = LogSoftmaxNet()
+    model = NormalisedNet(normaliser)
     x, y = torch.randn(10, 8), torch.randint(3, (10,))
-    scorer = Scorer(loss_fn=lambda log_p, t: torch.nn.functional.nll_loss(log_p, t, reduction="none"))
+    scorer = Scorer(loss_fn=loss_fn)
     scorer.capture = LastLayerCapture(model.fc, "fc")
     scores = scorer.score(model, (x, y))
-    assert scores.logit_grads is not None and scorer.capture.log_probabilities
+    assert scores.logit_grads is not None and scorer.capture.normaliser is not None
     with torch.no_grad():
         features = model.body(x)
         head = model.fc(features).double().requires_grad_(True)
     (reference,) = torch.autograd.grad(
         torch.nn.functional.nll_loss(torch.log_softmax(head, -1), y, reduction="sum"), head
     )
-    # Each entry is a float32 softmax (a few roundings of values below 1) less 0 or 1: absolute error ~ 4 eps.
-    torch.testing.assert_close(scores.logit_grads.double(), reference, rtol=0, atol=8 * torch.finfo(torch.float32).eps)
+    # Each entry is a float32 softmax (a few roundings of values below 1; through the logarithm of a float32
+    # probability, a few more relative to it) less 0 or 1: absolute error within 16 eps.
+    torch.testing.assert_close(scores.logit_grads.double(), reference, rtol=0, atol=16 * torch.finfo(torch.float32).eps)
     torch.testing.assert_close(scores.features, features, rtol=0, atol=0)
 
 
