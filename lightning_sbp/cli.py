@@ -46,6 +46,7 @@ __all__ = [
     "is_selective_backprop",
     "main",
     "plain_text",
+    "rejected_class_summary",
     "unknown_argument_summary",
     "unusable_function_summary",
     "wrong_type_summary",
@@ -66,6 +67,9 @@ _INTERPRETED = re.compile(r"`(?P<text>[^`]+)`")
 _UNKNOWN_KEY = re.compile(r"Option '(?P<key>[^']+)' is not accepted|No action for key \"(?P<old_key>[^\"]+)\" to check")
 _CLASS_PATH = re.compile(r"class_path '(?P<path>[\w.]+)'")
 _PARSER_KEY = re.compile(r'Parser key "(?P<key>[^"]+)"')
+_GIVEN_CLASS_PATH = re.compile(r"class_path(?:=|': )'(?P<path>[\w.]+)'")
+_UNION = "Does not validate against any of the Union subtypes"
+_TOP_LEVEL = (("LightningDataModule'>", "data"), ("LightningModule'>", "model"))
 _WRONG_TYPE = re.compile(
     r"class_path '(?P<path>[\w.]+)':\s*Parser key \"(?P<key>[^\"]+)\":\s*"
     r"Expected a <class '(?P<type>[\w.]+)'>\. Got value: (?P<value>[^\n]*)"
@@ -130,7 +134,12 @@ class SelectiveBackpropParser(LightningArgumentParser):
         if not self.exit_on_error:  # nested parsers raise to the parser above them
             super().error(message, *args, **kwargs)
         # The usage block of every option would bury the one line that matters; --help prints it.
-        summary = unknown_argument_summary(message) or wrong_type_summary(message) or unusable_function_summary(message)
+        summary = (
+            unknown_argument_summary(message)
+            or wrong_type_summary(message)
+            or unusable_function_summary(message)
+            or rejected_class_summary(message)
+        )
         sys.stderr.write(f"error: {summary or message.strip()}\n")
         self.exit(2)
 
@@ -206,6 +215,37 @@ def unusable_function_summary(message: str) -> str | None:
         f"can import ({unusable['reason'].strip()}); give the dotted import path of a function, "
         "package.module.function, importable where the command runs"
     )
+
+
+def rejected_class_summary(message: str) -> str | None:
+    """One line for a jsonargparse error about a class in the configuration that could not be used as given.
+
+    jsonargparse tries every type the argument accepts (the class, and ``None``) and lists why each failed,
+    with the whole value given: the reason that matters is the class's own (its constructor's ``ValueError``,
+    an option it does not accept), which this line keeps.
+
+    Args:
+        message: the error message of jsonargparse.
+
+    Returns:
+        ``"<where> (<class path>): <the class's reason>"``, or ``None`` when the message is about something else
+        or gives more than one reason.
+    """
+    if _UNION not in message or "Errors:" not in message:
+        return None
+    block = message.split("Errors:", 1)[1].split("Given value", 1)[0]
+    reasons = [" ".join(item.split()) for item in re.split(r"\n\s*- ", "\n" + block.strip("\n")) if item.strip()]
+    reasons = [reason for reason in reasons if not reason.startswith("Expected a <class 'NoneType'>")]
+    given = _GIVEN_CLASS_PATH.search(message)
+    if len(reasons) != 1 or given is None:
+        return None
+    reason = re.sub(r"^Problem with given class_path '[\w.]+':\s*", "", reasons[0])
+    if "'init_arg." in reason:
+        reason += " (a class's arguments go under init_args)"
+    where = _located(message, given["path"])
+    if _PARSER_KEY.search(message) is None:  # the top-level model or data, named by the types it accepts
+        where = next((f"{key} {where}" for base, key in _TOP_LEVEL if base in message), where)
+    return f"{where}{reason}"
 
 
 def _located(message: str, class_path: str) -> str:

@@ -168,10 +168,31 @@ def test_configuration_errors_stop_before_anything_is_built(
         assert text in error
 
 
-def test_a_bad_model_argument_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(["fit", "--config", str(CONFIGS / "digits_full.yaml"), "--model.init_args.backbone=vgg"]) == 2
-    err = capsys.readouterr().err
-    assert "error:" in err and "available backbones" in err and "Traceback" not in err
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        (
+            "--model.init_args.backbone=vgg",
+            "error: model (lightning_sbp.recipes.ImageClassifier): unknown backbone 'vgg'; available backbones: ",
+        ),
+        (
+            "--data.init_args.label_noise=1.5",
+            "error: data (lightning_sbp.recipes.DigitsDataModule): label_noise must be a fraction in [0, 1], got 1.5",
+        ),
+        (
+            '--model={"class_path": "lightning_sbp.recipes.ImageClassifier", "init_arg": {"num_classes": 10}}',
+            "error: model (lightning_sbp.recipes.ImageClassifier): Option 'init_arg.num_classes' is not accepted "
+            "(a class's arguments go under init_args)",
+        ),
+    ],
+    ids=["constructor", "data module", "init_arg"],
+)
+def test_a_bad_model_or_data_argument_is_one_line_with_the_class_s_reason(
+    override: str, line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(["fit", "--config", str(CONFIGS / "digits_full.yaml"), override]) == 2
+    lines = [text for text in capsys.readouterr().err.splitlines() if text.startswith("error:") or text.startswith(" ")]
+    assert len(lines) == 1 and lines[0].startswith(line), lines
 
 
 def test_a_missing_dataset_is_a_clean_error(

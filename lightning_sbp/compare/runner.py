@@ -57,7 +57,12 @@ from lightning.pytorch.callbacks import Callback
 
 import lightning_sbp
 from lightning_sbp.callback import SelectiveBackprop
-from lightning_sbp.cli import SelectiveBackpropCLI, unknown_argument_summary, wrong_type_summary
+from lightning_sbp.cli import (
+    SelectiveBackpropCLI,
+    rejected_class_summary,
+    unknown_argument_summary,
+    wrong_type_summary,
+)
 from lightning_sbp.compare.grid import FULL, SMALL_BATCH, Grid, GridError, Run, override_args
 from lightning_sbp.compare.processes import ProcessJob, run_in_processes, starts_processes
 from lightning_sbp.compare.squared_ratio import RatioSums, SquaredRatioLog
@@ -925,7 +930,7 @@ def _float(value: Any) -> float | None:
 
 def _message(err: BaseException) -> str:
     """The error in one line: for an unknown argument of a class, the key, its closest match and the accepted ones."""
-    summary = unknown_argument_summary(str(err)) or wrong_type_summary(str(err))
+    summary = unknown_argument_summary(str(err)) or wrong_type_summary(str(err)) or rejected_class_summary(str(err))
     if summary is not None:
         return summary
     text = " ".join(str(err).split())
