@@ -12,7 +12,7 @@ import pytest
 from helpers import compare
 
 from lightning_sbp.compare import FULL, SMALL_BATCH, Grid, GridError, command, expand
-from lightning_sbp.compare.report import format_mean_std
+from lightning_sbp.compare.report import Row, format_mean_std, markdown_table, seconds_decimals
 from lightning_sbp.compare.runner import RunRecorder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -474,3 +474,12 @@ def test_a_step_budget_off_the_validations_is_said_and_one_before_any_is_an_erro
     status, err, record = ends[2]
     assert status == 1 and record["status"] == "failed"
     assert "no validation ran before the fit ended at optimiser step 2" in record["error"]
+
+
+@pytest.mark.parametrize(("shortest", "decimals"), [(3.6, 1), (12.0, 1), (0.42, 2), (0.042, 3), (1e-6, 4)])
+def test_train_times_keep_two_significant_digits_of_the_shortest(shortest: float, decimals: int) -> None:
+    rows = [Row(None, "full", 1.0, None, [0], train_seconds_mean=shortest * 3), Row(None, "random", 0.5, None, [0])]
+    rows[1].train_seconds_mean, rows[1].train_seconds_std = shortest, shortest / 7
+    assert seconds_decimals(rows) == decimals
+    line = markdown_table(rows, "val/acc").splitlines()[-1]
+    assert f"{shortest:.{decimals}f} ± {shortest / 7:.{decimals}f}" in line

@@ -17,7 +17,16 @@ from typing import Any
 
 from lightning_sbp.compare.grid import FULL, Grid
 
-__all__ = ["CSV_COLUMNS", "Row", "format_mean_std", "markdown_table", "select_best_lr", "summarise", "write_csv"]
+__all__ = [
+    "CSV_COLUMNS",
+    "Row",
+    "format_mean_std",
+    "markdown_table",
+    "seconds_decimals",
+    "select_best_lr",
+    "summarise",
+    "write_csv",
+]
 
 
 @dataclass
@@ -141,6 +150,14 @@ def format_mean_std(mean: float | None, std: float | None, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def seconds_decimals(rows: Sequence[Row]) -> int:
+    """Decimals that give the shortest mean train time of ``rows`` two significant digits (1 at least, 4 at most)."""
+    times = [row.train_seconds_mean for row in rows if row.train_seconds_mean]
+    if not times:
+        return 1
+    return min(4, max(1, 1 - math.floor(math.log10(min(times)))))
+
+
 def markdown_table(rows: Sequence[Row], metric: str) -> str:
     """The summary table in Markdown (one line per row, numbers rounded for reading)."""
     header = [
@@ -157,6 +174,7 @@ def markdown_table(rows: Sequence[Row], metric: str) -> str:
         "speedup",
         "examples backprop",
     ]
+    seconds = seconds_decimals(rows)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for row in rows:
         cells = [
@@ -169,7 +187,7 @@ def markdown_table(rows: Sequence[Row], metric: str) -> str:
             format_mean_std(row.best_mean, row.best_std, 4),
             _number(row.grad_error, ".3f"),
             format_mean_std(row.grad_error_sq_ratio, row.grad_error_sq_ratio_std, 3),
-            format_mean_std(row.train_seconds_mean, row.train_seconds_std, 1),
+            format_mean_std(row.train_seconds_mean, row.train_seconds_std, seconds),
             "–" if row.speedup is None else f"{row.speedup:.2f}×",
             _number(row.examples_backpropagated, ",.0f"),
         ]

@@ -26,7 +26,7 @@ from typing import Any
 
 from lightning_sbp.compare.grid import FULL, is_aa
 from lightning_sbp.compare.multiplicity import adjust, correction_name
-from lightning_sbp.compare.report import Row
+from lightning_sbp.compare.report import Row, seconds_decimals
 
 __all__ = [
     "RANDOM",
@@ -268,7 +268,8 @@ def significance_tables(rows: Sequence[Row], differences: Sequence[Difference], 
     """
     lookup = {(d.label_noise, d.method, d.keep, d.reference, d.quantity): d for d in differences}
     blocks = []
-    for quantity, digits, unit in (("final", 4, f"final {metric}"), ("train_seconds", 1, "train time (s)")):
+    seconds = seconds_decimals(rows)
+    for quantity, digits, unit in (("final", 4, f"final {metric}"), ("train_seconds", seconds, "train time (s)")):
         header = [
             "noise",
             "method",
