@@ -219,11 +219,15 @@ def _all_distributions(targets: Tensor) -> Tensor:
     return (values >= 0).all() & ((values.sum(dim=-1) - 1).abs() <= tolerance).all()
 
 
-def _are_probabilities(outputs: Tensor) -> Tensor:
-    """Whether every row of float outputs over ``C > 1`` classes is a probability distribution (a softmax)."""
-    if not outputs.is_floating_point() or outputs.dim() < 2 or outputs.shape[-1] < 2:
+def _are_probabilities(outputs: Tensor, rows: int = 64) -> Tensor:
+    """Whether float outputs over ``C > 1`` classes are probability distributions (a softmax), row by row.
+
+    The first ``rows`` rows decide: a softmax makes every row one and logits almost never are, and a language
+    model's ``[N, T, V]`` outputs are not copied to float32 whole for it.
+    """
+    if not outputs.is_floating_point() or outputs.dim() < 2 or outputs.shape[-1] < 2 or outputs.numel() == 0:
         return torch.zeros((), dtype=torch.bool, device=outputs.device)
-    return _all_distributions(outputs.detach())
+    return _all_distributions(outputs.detach().reshape(-1, outputs.shape[-1])[:rows])
 
 
 def _probabilities(outputs: Tensor, targets: Tensor) -> str:
