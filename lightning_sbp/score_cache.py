@@ -115,11 +115,27 @@ class ScoreCache:
         :meth:`store` after a :meth:`lookup` miss of the same batch does not pay it again.
         """
         if host is not None:
-            return host.numpy()
+            return self._checked(host.numpy())
         if self._rows is not None and self._rows[0] is indices:
             return self._rows[1]
-        rows = (indices if indices.device.type == "cpu" else indices.cpu()).numpy()
+        rows = self._checked((indices if indices.device.type == "cpu" else indices.cpu()).numpy())
         self._rows = (indices, rows)
+        return rows
+
+    def _checked(self, rows: np.ndarray) -> np.ndarray:
+        """``rows``, once they are known to be positions in the training set (negative ones mark padding).
+
+        Raises:
+            ValueError: for an index at or beyond the training set's length, which would read or write
+                another example's scores, or fail deep inside indexing.
+        """
+        if rows.size and rows.max() >= self.size:
+            raise ValueError(
+                f"stale_epochs caches scores by each example's dataset index, a position in [0, {self.size}) for "
+                f"this training set of {self.size} examples, but a batch carries index {int(rows.max())}: return "
+                "the example's position in the dataset as its index (the recipes' DataModules do), or override "
+                "SelectiveBackprop.example_indices to read it"
+            )
         return rows
 
     def lookup(self, indices: Tensor, epoch: int, host: Tensor | None = None) -> Scores | None:
@@ -134,6 +150,11 @@ class ScoreCache:
             return None
         self._place(indices.device)
         rows = self._host_rows(indices, host)
+        if rows.size and rows.min() < 0:  # only the padding of a gather across ranks is negative, never a batch's
+            raise ValueError(
+                f"stale_epochs caches scores by each example's dataset index, a position in [0, {self.size}), but "
+                f"a batch carries index {int(rows.min())}: return the example's position in the dataset as its index"
+            )
         age = epoch - self._scored[rows]
         if not ((age >= 0) & (age <= self.stale_epochs)).all():
             return None

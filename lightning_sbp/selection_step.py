@@ -43,7 +43,8 @@ class SelectedBatch:
 
     Attributes:
         selection: the rows to train on and their weights.
-        losses: the full batch's per-example losses when the step had scores (fresh or cached), else ``None``.
+        losses: the full batch's per-example losses when the step ran a scoring pass, else ``None`` (cached
+            scores are not this model's).
         measured: this step's gradient-error values under their log keys; empty on steps that do not measure.
         marks: points in time before scoring, after scoring and after selecting (``lightning_sbp.timing``).
     """
@@ -171,8 +172,9 @@ class SelectionStep:
                 true_scores = self._true_scores(pl_module, batch, scores, forward, full_precision)
                 measured = self._measure(pl_module, batch, selection, true_scores, exact_due)
             self.measurement.stop()
-        # A pass that ran only to measure still gives the full batch's losses to log.
-        losses = scores.losses if scores is not None else forward.losses if forward is not None else None
+        # The losses of this step's own scoring pass, also one that ran only to measure. Cached scores are an
+        # earlier model's: logged as this step's batch loss, they would draw an old curve as a current one.
+        losses = forward.losses if forward is not None else None
         return SelectedBatch(selection, losses, measured, (started, scored, selected))
 
     def _scores(

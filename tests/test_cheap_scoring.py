@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import platform
 import warnings
 from pathlib import Path
@@ -11,6 +12,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import Indexed, PlainClassifier, SmallCNN, blobs, loader, trainer
+from lightning.pytorch.loggers import CSVLogger
+from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from lightning_sbp import SelectiveBackprop
@@ -166,3 +169,37 @@ def test_gradient_errors_are_measured_every_grad_error_every_steps() -> None:
 def test_bad_cheap_scoring_arguments(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SelectiveBackprop(**kwargs)
+
+
+def test_the_batch_loss_is_logged_only_on_steps_that_score(tmp_path: Path) -> None:
+    # Cached scores are an earlier model's: logged as sbp/full_loss they would repeat the last epoch's curve.
+    sbp = SelectiveBackprop("topk", keep=0.25, stale_epochs=1, track_grad_error=False)
+    logger = CSVLogger(tmp_path, name="", version="")
+    trainer(callbacks=[sbp], max_epochs=2, logger=logger, log_every_n_steps=1).fit(
+        SmallCNN(dropout=0.0), loader(Indexed(blobs(32)), 16)
+    )
+    with (tmp_path / "metrics.csv").open() as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("sbp/k")]
+    logged = {int(row["step"]): (row["sbp/full_loss"] != "", row["sbp/selected_loss"] != "") for row in rows}
+    assert logged == {0: (True, True), 1: (True, True), 2: (False, False), 3: (False, False)}
+
+
+class ShiftedIndices(Indexed):
+    """Indices that are not positions in the dataset: counted from ``start``."""
+
+    def __init__(self, dataset: TensorDataset, start: int) -> None:
+        super().__init__(dataset)
+        self.start = start
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
+        x, y, _ = super().__getitem__(i)
+        return x, y, i + self.start
+
+
+@pytest.mark.parametrize(("start", "index"), [(10, 41), (-5, -5)])
+def test_indices_that_are_not_positions_in_the_dataset_stop_with_the_fix(start: int, index: int) -> None:
+    # 32 examples in batches of 16: indices 10..41 overflow in the first batch's store, -5..26 are refused
+    # at the first lookup, before a negative index reads another example's stamp.
+    sbp = SelectiveBackprop("topk", keep=0.25, stale_epochs=1, track_grad_error=False)
+    with pytest.raises(ValueError, match=rf"position in \[0, 32\).*carries index {index}\b.*position in the dataset"):
+        trainer(callbacks=[sbp], max_epochs=2).fit(SmallCNN(), loader(ShiftedIndices(blobs(32), start), 16))
