@@ -414,11 +414,11 @@ def _against_full(differences: Sequence[Difference], metric: str, mode: str) -> 
     faster = [d for d in times if d.beyond_noise and d.interval.mean < 0]
     if faster:
         names = [f"{_name(d)} ({_speedup(d):.2f}× full's speed)" for d in faster]
-        text = f"{_join(names)} trained faster than full beyond seed noise"
+        text = f"{_join(names)} took less train time than full beyond seed noise"
     elif times:
         quickest = min(times, key=lambda d: d.interval.mean)
         text = (
-            "no selective method trained faster than full beyond seed noise "
+            "no selective method took less train time than full beyond seed noise "
             f"(the quickest, {_name(quickest)}, ran at {_speedup(quickest):.2f}× full's speed)"
         )
     else:
