@@ -444,8 +444,9 @@ class SelectiveBackprop(BatchAdapter, Callback):
             self._report_small_batch(trainer, size, k)
         self._largest_batch = max(self._largest_batch, size)
         if not selective or (k >= size and trainer.world_size == 1):
-            self.step_log.full_step(pl_module, size)
-            return original(*args, **kwargs)
+            output = original(*args, **kwargs)
+            self.step_log.full_step(pl_module, size, trained=_returns_a_loss(output))
+            return output
 
         picked = self._select(pl_module, batch, k, host_indices)
         self.last_selection = picked.selection
@@ -454,7 +455,15 @@ class SelectiveBackprop(BatchAdapter, Callback):
         call_args = (subset, *rest) if args else ()
         call_kwargs = kwargs if args else {**kwargs, "batch": subset}
         output = self._subset_step(pl_module, original, picked.selection, call_args, call_kwargs)
-        self.step_log.selective_step(pl_module, size, picked.selection, picked.losses, picked.measured, picked.marks)
+        self.step_log.selective_step(
+            pl_module,
+            size,
+            picked.selection,
+            picked.losses,
+            picked.measured,
+            picked.marks,
+            trained=_returns_a_loss(output),
+        )
         return output
 
     @torch.compiler.disable
@@ -470,8 +479,8 @@ class SelectiveBackprop(BatchAdapter, Callback):
         self._reported_small_batch = True
         rank_zero_warn(
             f"SelectiveBackprop cannot select from a batch of {size} examples with keep={self.keep}: k = {k} "
-            f"(floor(keep * N), at least {self._min_k}) keeps every example, so such steps train on the whole "
-            "batch. Use larger batches or a smaller keep."
+            f"(floor(keep * N), at least {self._min_k}, at most N) keeps every example, so such steps train on the "
+            "whole batch. Use larger batches or a smaller keep."
         )
 
     def _subset_step(
@@ -513,3 +522,8 @@ def _wrap_method(pl_module: pl.LightningModule, name: str, wrapper: Callable[...
             delattr(pl_module, name)
 
     return undo
+
+
+def _returns_a_loss(output: Any) -> bool:
+    """Whether a ``training_step`` returned a loss: Lightning skips the backward of a step that returns ``None``."""
+    return output is not None

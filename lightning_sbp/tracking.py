@@ -59,9 +59,9 @@ class StepLog:
         self._warned_nonfinite = False
         self._marks: tuple[Mark, Mark, Mark] | None = None
 
-    def full_step(self, pl_module: pl.LightningModule, size: int) -> None:
-        """Count and log a step that trained on the whole batch of ``size`` examples."""
-        self._count(size, size)
+    def full_step(self, pl_module: pl.LightningModule, size: int, trained: bool = True) -> None:
+        """Count and log a step on the whole batch of ``size`` examples (``trained``: it returned a loss)."""
+        self._count(size, size if trained else 0)
         if loggers_write_this_step(pl_module.trainer):
             self._log(pl_module, {"sbp/active": 0.0, "sbp/k": float(size)}, size)
 
@@ -73,6 +73,7 @@ class StepLog:
         losses: Tensor | None,
         measured: dict[str, Tensor],
         marks: tuple[Mark, Mark, Mark],
+        trained: bool = True,
     ) -> None:
         """Count and log a selective step.
 
@@ -84,11 +85,12 @@ class StepLog:
             measured: the gradient-error step values, under their log keys.
             marks: the points in time before scoring, after scoring and after selecting, logged at the end of
                 the batch (see :meth:`log_timings`).
+            trained: whether the step returned a loss; Lightning skips the backward of one that returns ``None``.
         """
         k = int(selection.indices.shape[0])
         if losses is not None:
             self._watch_nonfinite(losses)
-        self._count(size, k)
+        self._count(size, k if trained else 0)
         self.selective_steps += 1
         if not loggers_write_this_step(pl_module.trainer):
             return

@@ -54,6 +54,24 @@ def test_every_selective_step_builds_and_backpropagates_exactly_k_examples() -> 
     assert sbp.examples_seen == 512 and sbp.examples_backpropagated == 128
 
 
+class SkipsEveryOtherBatch(PlainClassifier):
+    """Returns no loss on odd batches, as a step that skips a bad batch does."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = super().training_step(batch, batch_idx)
+        return loss if batch_idx % 2 == 0 else None
+
+
+def test_steps_that_return_no_loss_backpropagate_nothing() -> None:
+    # 8 batches of 16 a fit; keep 0.25 selects 4. Only the 4 even batches return a loss, and start=0.5 makes the
+    # second half of the steps selective: batches 0 and 2 train whole, 4 and 6 train 4 examples each.
+    data = TensorDataset(torch.randn(128, 16), torch.randint(3, (128,)))
+    sbp = SelectiveBackprop("topk", keep=0.25, start=0.5, track_grad_error=False)
+    trainer(callbacks=[sbp], max_epochs=1).fit(SkipsEveryOtherBatch(), loader(data, 16))
+    assert sbp.examples_seen == 128
+    assert sbp.examples_backpropagated == 16 + 16 + 4 + 4
+
+
 def test_scoring_pass_changes_no_buffer_and_no_grad() -> None:
     torch.manual_seed(0)
     model = SmallCNN(lr=0.0, dropout=0.0)

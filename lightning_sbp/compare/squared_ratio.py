@@ -104,6 +104,7 @@ class SquaredRatioLog(StepLog):
         losses: Tensor | None,
         measured: dict[str, Tensor],
         marks: tuple[Mark, Mark, Mark],
+        trained: bool = True,
     ) -> None:
         """Add this step's squared ratio, when it measured, then count and log the step as the callback's log does."""
         error, random_error = measured.get(ERROR_KEY), measured.get(RANDOM_KEY)
@@ -113,7 +114,7 @@ class SquaredRatioLog(StepLog):
             ratio = torch.where(finite, ratio, 0.0)
             step = torch.stack([ratio, ratio.square(), finite.double()])
             self._sums = step if self._sums is None else self._sums + step.to(self._sums.device)
-        super().selective_step(pl_module, size, selection, losses, measured, marks)
+        super().selective_step(pl_module, size, selection, losses, measured, marks, trained)
 
     def take(self) -> RatioSums:
         """The sums since the last call, read from the device (one synchronisation); they restart at 0."""
