@@ -196,7 +196,8 @@ def _on_every_rank(*facts: Tensor) -> list[bool]:
     and a read on the host of each. Every process must call it at the same point, as the first batch's choice
     does.
     """
-    stacked = torch.stack([fact.reshape(()) for fact in facts]).to(torch.int32)
+    device = facts[0].device  # the targets' device, which the backend serves (outputs may sit elsewhere)
+    stacked = torch.stack([fact.reshape(()).to(device) for fact in facts]).to(torch.int32)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(stacked, op=dist.ReduceOp.MIN)
     return [bool(value) for value in stacked]
