@@ -90,6 +90,8 @@ class StepLog:
         k = int(selection.indices.shape[0])
         if losses is not None:
             self._watch_nonfinite(losses)
+        if measured:
+            self.add_measurement(measured)
         self._count(size, k if trained else 0)
         self.selective_steps += 1
         if not loggers_write_this_step(pl_module.trainer):
@@ -107,6 +109,12 @@ class StepLog:
             values["sbp/full_loss"] = losses.where(finite, torch.nan).nanmean()
             values["sbp/selected_loss"] = losses[selection.indices].where(kept, torch.nan).nanmean()
         self._log(pl_module, values, size)
+
+    def add_measurement(self, measured: dict[str, Tensor]) -> None:
+        """Take in the gradient-error values of a step that measured; the callback's log keeps nothing more.
+
+        A log that aggregates measurements across steps (``compare``'s) overrides this.
+        """
 
     def log_timings(self, pl_module: pl.LightningModule) -> None:
         """Log ``sbp/score_ms`` and ``sbp/select_ms`` of the step just trained, if the loggers write it.

@@ -19,12 +19,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_sbp.selectors import Selection
-from lightning_sbp.timing import Mark
 from lightning_sbp.tracking import StepLog
 
 __all__ = ["RatioSums", "SquaredRatioLog", "squared_ratio"]
@@ -96,17 +93,8 @@ class SquaredRatioLog(StepLog):
         new._sums = sums
         return new
 
-    def selective_step(
-        self,
-        pl_module: pl.LightningModule,
-        size: int,
-        selection: Selection,
-        losses: Tensor | None,
-        measured: dict[str, Tensor],
-        marks: tuple[Mark, Mark, Mark],
-        trained: bool = True,
-    ) -> None:
-        """Add this step's squared ratio, when it measured, then count and log the step as the callback's log does."""
+    def add_measurement(self, measured: dict[str, Tensor]) -> None:
+        """Add this step's squared ratio to the sums, kept on the device."""
         error, random_error = measured.get(ERROR_KEY), measured.get(RANDOM_KEY)
         if isinstance(error, Tensor) and isinstance(random_error, Tensor):
             ratio = squared_ratio(error.detach(), random_error.detach())
@@ -114,7 +102,6 @@ class SquaredRatioLog(StepLog):
             ratio = torch.where(finite, ratio, 0.0)
             step = torch.stack([ratio, ratio.square(), finite.double()])
             self._sums = step if self._sums is None else self._sums + step.to(self._sums.device)
-        super().selective_step(pl_module, size, selection, losses, measured, marks, trained)
 
     def take(self) -> RatioSums:
         """The sums since the last call, read from the device (one synchronisation); they restart at 0."""
